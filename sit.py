@@ -1,0 +1,894 @@
+"""
+sit.py: the one shared module. SiT backbone, samplers, prepared-dataset reader and the small helpers
+every script needs. Training scripts (train_*.py), sample.py, fid.py and prepare.py import from here.
+
+The convention (REPA's, used by every script in this repo):
+  x_t = (1 - t) * x + t * eps        t ~ U(0, 1); t = 0 is data, t = 1 is noise
+  v   = eps - x                      the network predicts this velocity; loss = mean (v_pred - v)^2
+  z   = (mean + std * randn) * scale latents drawn from stored encoder moments (scale 0.18215 for SD-VAE)
+  labels: num_classes is the null class used for classifier-free guidance
+The original SiT repo runs time the other way (t = 0 noise, v = x - eps); see `flip_time` below.
+"""
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# SiT backbone (DiT architecture; parameter names follow DiT / SiT / REPA so released checkpoints load)
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] (not 0..999 as in DiT) -> 256 sinusoidal frequencies -> MLP, as SiT and REPA."""
+
+    def __init__(self, hidden_size, frequency_embedding_size=256):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size))
+        self.frequency_embedding_size = frequency_embedding_size
+
+    def forward(self, t):
+        half = self.frequency_embedding_size // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = t.float()[:, None] * freqs[None]                               # (N, 128)
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)           # (N, 256)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Table of num_classes (+1 null row when trained with label dropout). The model never drops labels
+    itself: the training scripts drop them once, in the open (REPA's --legacy dropped them twice)."""
+
+    def __init__(self, num_classes, hidden_size, class_dropout_prob):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + int(class_dropout_prob > 0), hidden_size)
+
+    def forward(self, y):
+        return self.embedding_table(y)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, return_logits=False):
+        N, T, D = x.shape
+        q, k, v = self.qkv(x).view(N, T, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)  # (N, H, T, d)
+        logits = None
+        if return_logits:  # HASTE needs pre-softmax logits; only the blocks that are asked pay for them
+            logits = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5           # (N, H, T, T)
+            x = logits.softmax(dim=-1) @ v                                    # (N, H, T, d)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v)                       # (N, H, T, d)
+        return self.proj(x.transpose(1, 2).reshape(N, T, D)), logits
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x), approximate='tanh'))
+
+
+class SiTBlock(nn.Module):
+    """adaLN-Zero block: c modulates (shift, scale, gate) of attention and MLP."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x, c, return_logits=False):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        h, logits = self.attn(modulate(self.norm1(x), shift_msa, scale_msa), return_logits)
+        x = x + gate_msa.unsqueeze(1) * h
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x, logits
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size, patch_size, out_channels):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size, in_channels, hidden_size):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)                        # (N, T, D)
+
+
+def build_mlp(dim, projector_dim, z_dim):
+    """REPA's projector: D -> 2048 -> 2048 -> z_dim with SiLU between (keys projectors.0.{0,2,4})."""
+    return nn.Sequential(nn.Linear(dim, projector_dim), nn.SiLU(), nn.Linear(projector_dim, projector_dim),
+                         nn.SiLU(), nn.Linear(projector_dim, z_dim))
+
+
+def sincos_pos_embed(dim, grid):
+    """Fixed 2D sin-cos position embedding (MAE / DiT layout: first half from the column index, second from the row)."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                indexing='ij')
+    def emb(pos):
+        out = pos.reshape(-1, 1) * omega[None]                                # (T, D/4)
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)             # (T, D/2)
+    return torch.cat([emb(cols), emb(rows)], dim=1).float()                  # (T, D)
+
+
+class SiT(nn.Module):
+    """
+    model(x, t, y) -> (v, aux): v is the velocity (N, C, H, W); aux is a dict that holds only what was asked:
+      return_zs=True     aux['zs'] = [projector(h)] for each REPA projector, h = tokens after block encoder_depth
+      attn_blocks=(i,..) aux['attn'] = [pre-softmax logits (N, heads, T, T) of block i, ...] (0-based)
+    Returning a tuple always (as REPA) means code written as `model(x, t, y)[0]` ports over unchanged.
+    """
+
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
+                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=False,
+                 z_dims=(), projector_dim=2048, encoder_depth=8):
+        super().__init__()
+        self.in_channels, self.patch_size, self.num_classes = in_channels, patch_size, num_classes
+        # learn_sigma only so DiT/SiT checkpoints (8 output channels) load; the velocity is the first C channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.encoder_depth = encoder_depth
+        self.grid = input_size // patch_size
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid ** 2, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList([SiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.projectors = nn.ModuleList([build_mlp(hidden_size, projector_dim, z) for z in z_dims])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self):  # DiT's initialisation, with adaLN-Zero
+        def _basic_init(m):
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.apply(_basic_init)
+        self.pos_embed.data.copy_(sincos_pos_embed(self.pos_embed.shape[-1], self.grid)[None])
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [self.final_layer.adaLN_modulation[-1],
+                                                                      self.final_layer.linear]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def unpatchify(self, x):
+        p, c, g = self.patch_size, self.out_channels, self.grid
+        x = x.reshape(x.shape[0], g, g, p, p, c)
+        return torch.einsum('nhwpqc->nchpwq', x).reshape(x.shape[0], c, g * p, g * p)
+
+    def forward(self, x, t, y, return_zs=False, attn_blocks=()):
+        N = x.shape[0]
+        h = self.x_embedder(x) + self.pos_embed                              # (N, T, D)
+        c = self.t_embedder(t) + self.y_embedder(y)                          # (N, D)
+        aux = {}
+        if attn_blocks:
+            aux['attn'] = [None] * len(attn_blocks)
+        for i, block in enumerate(self.blocks):
+            h, logits = block(h, c, return_logits=i in attn_blocks)
+            if logits is not None:
+                aux['attn'][attn_blocks.index(i)] = logits                  # (N, H, T, T)
+            if return_zs and i + 1 == self.encoder_depth:                    # encoder_depth is 1-based, as REPA
+                aux['zs'] = [proj(h) for proj in self.projectors]           # [(N, T, z_dim)]
+        v = self.unpatchify(self.final_layer(h, c))                          # (N, out_channels, H, W)
+        return v[:, :self.in_channels], aux
+
+
+def build_model(name, **kwargs):
+    if name not in SiT_models:
+        fail(f"unknown model '{name}'; choose one of {', '.join(SiT_models)}")
+    if kwargs.get('input_size', 32) % int(name.split('/')[1]):
+        fail(f"latent size {kwargs['input_size']} is not divisible by the patch size of {name}")
+    depth = SIZES[name[4:].split('/')[0]][0]
+    if kwargs.get('z_dims') and not 1 <= kwargs.get('encoder_depth', 8) <= depth:
+        fail(f"encoder_depth {kwargs['encoder_depth']} is outside {name}'s blocks 1..{depth}; pass --encoder-depth")
+    return SiT_models[name](**kwargs)
+
+
+# name -> (depth, width, heads). T is ours: a tiny size for the toy data and the tests.
+SIZES = {'T': (6, 128, 4), 'S': (12, 384, 6), 'B': (12, 768, 12), 'L': (24, 1024, 16), 'XL': (28, 1152, 16)}
+
+
+def _make(depth, hidden_size, num_heads, patch_size):
+    def build(**kwargs):
+        return SiT(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=patch_size, **kwargs)
+    return build
+
+
+SiT_models = {f'SiT-{s}/{p}': _make(*SIZES[s], p) for s in SIZES for p in (2, 4, 8)}
+
+
+# -----------------------------------------------------------------------------
+# Samplers (REPA's names and arguments; t runs from 1 (noise) to 0 (data))
+
+
+def guided_velocity(model, x, t, y, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0):
+    """v(x, t | y), classifier-free guided only while guidance_low <= t <= guidance_high. Outside the
+    interval (or at scale 1) only the conditional half runs: no doubled batch."""
+    t_vec = torch.full((x.shape[0],), float(t), device=x.device)
+    if cfg_scale != 1.0 and guidance_low <= t <= guidance_high:
+        y_null = torch.full_like(y, model.num_classes)
+        v = model(torch.cat([x, x]), torch.cat([t_vec, t_vec]), torch.cat([y, y_null]))[0].float()
+        v_cond, v_uncond = v.chunk(2)
+        return v_uncond + cfg_scale * (v_cond - v_uncond)
+    return model(x, t_vec, y)[0].float()
+
+
+@torch.no_grad()
+def euler_sampler(model, latents, y, num_steps=50, heun=False, cfg_scale=1.0, guidance_low=0.0,
+                  guidance_high=1.0):
+    """Probability-flow ODE, Euler (or Heun, as REPA: no correction on the last step), t uniform 1 -> 0."""
+    ts = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64).tolist()
+    x = latents.float()                                                      # (N, C, H, W)
+    for i, (t_cur, t_next) in enumerate(zip(ts[:-1], ts[1:])):
+        d_cur = guided_velocity(model, x, t_cur, y, cfg_scale, guidance_low, guidance_high)
+        x_next = x + (t_next - t_cur) * d_cur
+        if heun and i < num_steps - 1:
+            d_next = guided_velocity(model, x_next, t_next, y, cfg_scale, guidance_low, guidance_high)
+            x_next = x + (t_next - t_cur) * 0.5 * (d_cur + d_next)
+        x = x_next
+    return x
+
+
+def score_from_velocity(v, x, t):
+    """Linear path: E[eps | x_t] = (1 - t) v + x_t, so the score -E[eps]/t = -((1 - t) v + x) / t."""
+    return -((1 - t) * v + x) / t
+
+
+@torch.no_grad()
+def euler_maruyama_sampler(model, latents, y, num_steps=250, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0,
+                           t_last=0.04):
+    """Reverse SDE as REPA: diffusion w(t) = 2t, drift v - w/2 * score, t linear 1 -> t_last over num_steps
+    points, then one deterministic (mean) step t_last -> 0. num_steps network evaluations per sample."""
+    ts = torch.linspace(1.0, t_last, num_steps, dtype=torch.float64).tolist() + [0.0]
+    x = latents.float()
+    for i, (t_cur, t_next) in enumerate(zip(ts[:-1], ts[1:])):
+        dt = t_next - t_cur                                                  # < 0
+        v = guided_velocity(model, x, t_cur, y, cfg_scale, guidance_low, guidance_high)
+        w = 2 * t_cur
+        drift = v - 0.5 * w * score_from_velocity(v, x, t_cur)
+        x = x + drift * dt
+        if i < len(ts) - 2:  # the last step returns the mean: no noise
+            x = x + math.sqrt(w * abs(dt)) * torch.randn_like(x)
+    return x
+
+
+def flip_time(model):
+    """Wrap a model trained in the original SiT convention (t = 0 noise, v = x - eps) to run in ours."""
+    class Flipped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.num_classes = model, model.num_classes
+
+        def forward(self, x, t, y, **kw):
+            v, aux = self.inner(x, 1 - t, y, **kw)
+            return -v, aux
+    return Flipped()
+
+
+# -----------------------------------------------------------------------------
+# Prepared dataset: a folder of memory-mapped .npy arrays + dataset.json (written by prepare.py)
+#   images.npy   uint8   (N, 3, R, R)   what the teacher sees (REPA-style methods)
+#   moments.npy  float   (N, 2C, h, w)  encoder mean and std, concatenated on dim 1
+#   labels.npy   int64   (N,)
+#   dataset.json {format, resolution, autoencoder, latent_scale, latent_channels, latent_size, num_classes, count}
+
+DATASET_FORMAT = 1
+
+
+def fail(msg):
+    """One clear line instead of a traceback, for problems a user can fix."""
+    raise SystemExit(f'error: {msg}')
+
+
+def read_dataset_meta(path):
+    meta_path = os.path.join(path, 'dataset.json')
+    if not os.path.isdir(path):
+        fail(f"dataset folder '{path}' does not exist; create it with `python prepare.py toy --out {path}` "
+             f"(or `prepare.py imagenet`) or pass --data-path")
+    if not os.path.isfile(meta_path):
+        fail(f"'{path}' is not a prepared dataset (no dataset.json); build it with prepare.py")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta.get('format') != DATASET_FORMAT:
+        fail(f"'{path}' has dataset format {meta.get('format')}, this code reads {DATASET_FORMAT}; re-run prepare.py")
+    return meta
+
+
+class PreparedDataset(torch.utils.data.Dataset):
+    """Yields (moments, label) or, with images=True, (images, moments, label). Checks the folder first."""
+
+    def __init__(self, path, images=False):
+        self.meta = meta = read_dataset_meta(path)
+        n, c, s, r = meta['count'], meta['latent_channels'], meta['latent_size'], meta['resolution']
+        expect = {'moments': (n, 2 * c, s, s), 'labels': (n,)}
+        if images:
+            expect['images'] = (n, 3, r, r)
+        self.arrays = {}
+        for name, shape in expect.items():
+            f = os.path.join(path, f'{name}.npy')
+            if not os.path.isfile(f):
+                fail(f"'{f}' is missing; the dataset is incomplete, re-run prepare.py")
+            a = np.load(f, mmap_mode='r')
+            if a.shape != shape:
+                fail(f"'{f}' has shape {a.shape} but dataset.json says {shape}; re-run prepare.py")
+            self.arrays[name] = a
+        self.images = images
+
+    def __len__(self):
+        return self.meta['count']
+
+    def __getitem__(self, i):
+        m = torch.from_numpy(np.array(self.arrays['moments'][i], dtype=np.float32))
+        y = int(self.arrays['labels'][i])
+        if self.images:
+            return torch.from_numpy(np.array(self.arrays['images'][i])), m, y
+        return m, y
+
+
+def check_data_model(meta, model):
+    """The latent grid the dataset stores must be what the model was built for."""
+    c, s = meta['latent_channels'], meta['latent_size']
+    if (c, s) != (model.in_channels, model.grid * model.patch_size) or meta['num_classes'] != model.num_classes:
+        fail(f"dataset latents are {c}x{s}x{s} with {meta['num_classes']} classes but the model expects "
+             f"{model.in_channels}x{model.grid * model.patch_size}x{model.grid * model.patch_size} with "
+             f"{model.num_classes} classes; pass a matching --model/--data-path (e.g. --preset toy for toy data)")
+
+
+def sample_latents(moments, scale):
+    """z = (mean + std * randn) * scale, drawn afresh every step from the stored moments."""
+    mean, std = moments.chunk(2, dim=1)                                      # (N, C, h, w) each
+    return (mean + std * torch.randn_like(mean)) * scale
+
+
+def load_autoencoder(meta, device, path=None):
+    """The dataset's decoder: None for the toy set's identity, else the SD-VAE (hub name in dataset.json, or PATH)."""
+    return None if meta['autoencoder'] == 'identity' else load_vae(path or meta['autoencoder'], device)
+
+
+def to_uint8(x):
+    """The repo's one pixel conversion (as DiT): clamp to [-1, 1], (x + 1) * 127.5, round to nearest."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def decode_latents(z, meta, vae=None):
+    """Scaled latents (N, C, h, w) -> uint8 images (N, 3, R, R) on CPU."""
+    x = z.float() / meta['latent_scale']
+    return to_uint8(x).cpu() if vae is None else vae_decode_to_uint8(vae, x)
+
+
+# -----------------------------------------------------------------------------
+# Frozen DINOv2 teacher (timm's port of facebookresearch/dinov2, as REPA uses it)
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # timm.data's IMAGENET_DEFAULT_*
+# no-register variants, as in REPA; ViT-B/14 is the papers' default
+DINOV2 = {
+    'dinov2-s': 'vit_small_patch14_dinov2.lvd142m',
+    'dinov2-b': 'vit_base_patch14_dinov2.lvd142m',
+    'dinov2-l': 'vit_large_patch14_dinov2.lvd142m',
+    'dinov2-g': 'vit_giant_patch14_dinov2.lvd142m',
+}
+
+
+class Teacher(nn.Module):
+    """Wraps a timm DINOv2 ViT: raw 0..255 images in, final-norm tokens (and optional attention logits) out."""
+
+    def __init__(self, vit, grid):
+        super().__init__()
+        self.vit = vit
+        self.grid = grid
+        self.resolution = 14 * grid
+        self.dim = vit.embed_dim
+        self.register_buffer('mean', torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer('std', torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def preprocess(self, images):
+        # REPA's DINOv2 preprocessing: scale to 0..1, ImageNet-normalize, bicubic-resize the whole image (no crop)
+        x = images.float() / 255.
+        x = (x - self.mean) / self.std
+        return F.interpolate(x, size=(self.resolution, self.resolution), mode='bicubic', align_corners=False)
+
+    def check_grid(self):
+        # one patch token per SiT token only works if the ViT patchifies 14*grid px with 14 px patches
+        pe = self.vit.patch_embed
+        if not (isinstance(self.grid, int) and self.grid > 0) or tuple(pe.patch_size) != (14, 14) \
+                or tuple(pe.grid_size) != (self.grid, self.grid):
+            raise SystemExit(f"teacher mismatch: expected 14 px patches on a {self.grid}x{self.grid} grid "
+                             f"({self.resolution} px), but the ViT has {tuple(pe.patch_size)} px patches on a "
+                             f"{tuple(pe.grid_size)} grid; build it with load_teacher(..., grid={self.grid})")
+
+    @torch.no_grad()
+    def forward(self, images, attn_blocks=()):
+        self.check_grid()
+        vit, logits, hooks = self.vit, {}, []
+
+        def make_hook(i):
+            attn = vit.blocks[i].attn
+            def hook(module, args):
+                # recompute q, k with timm's own weights from the block's normed input (what attn sees)
+                x = args[0]                                                         # (N, 1+T, D)
+                N, L, _ = x.shape
+                qkv = attn.qkv(x).reshape(N, L, 3, attn.num_heads, attn.head_dim)   # (N, 1+T, 3, H, d)
+                q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)                      # (N, H, 1+T, d) each
+                q, k = attn.q_norm(q), attn.k_norm(k)
+                logits[i] = (q @ k.transpose(-2, -1)).float() * attn.scale          # (N, H, 1+T, 1+T)
+            return hook
+
+        # only the asked blocks pay for the extra q k^T
+        for i in dict.fromkeys(attn_blocks):
+            hooks.append(vit.blocks[i].attn.register_forward_pre_hook(make_hook(i)))
+        try:
+            x = self.preprocess(images)                                             # (N, 3, 14g, 14g)
+            with torch.autocast('cuda', dtype=torch.bfloat16, enabled=x.is_cuda):
+                x = vit.forward_features(x).float()                                 # (N, 1+T, D)
+        finally:
+            for h in hooks:
+                h.remove()
+        out = dict(patch=x[:, vit.num_prefix_tokens:], cls=x[:, 0])                 # (N, T, D), (N, D)
+        if attn_blocks:
+            out['attn'] = [logits[i] for i in attn_blocks]
+        return out
+
+
+def load_teacher(name='dinov2-b', weights=None, grid=16, device='cpu'):
+    """weights: None -> timm hub download, PATH -> local checkpoint, 'random' -> random init (mechanics only)."""
+    if name not in DINOV2:
+        raise SystemExit(f"unknown teacher {name!r}; valid names: {', '.join(DINOV2)}")
+    import timm
+    arch = DINOV2[name]
+    # 14 px of teacher input per SiT token: SiT-*/2 on 32x32 latents has a 16x16 grid -> 224 px, so the
+    # teacher's patch tokens line up one-to-one with SiT's tokens (timm resamples the 37x37 pos-embed)
+    kw = dict(img_size=14 * grid, num_classes=0)
+    if weights == 'random':
+        print(f"\n{'!' * 78}\n!! WARNING: DINOv2 teacher {arch} has RANDOM weights. Aligning to a random teacher"
+              f"\n!! is a mechanics check only; it will NOT speed up training.\n{'!' * 78}\n",
+              file=sys.stderr, flush=True)
+        vit = timm.create_model(arch, pretrained=False, **kw)
+    elif weights is not None:
+        if not os.path.isfile(weights):
+            raise SystemExit(f"teacher weights not found: {weights}")
+        # timm converts both its own safetensors and the original facebookresearch .pth
+        vit = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)), **kw)
+    else:
+        try:
+            vit = timm.create_model(arch, pretrained=True, **kw)
+        except Exception as e:  # offline, no huggingface_hub, proxy, ... all mean the same to the user
+            why = (str(e).strip().splitlines() or [''])[0][:120].strip()
+            raise SystemExit(f"could not download teacher {arch} ({type(e).__name__}: {why}); run where huggingface.co "
+                             f"is reachable, or get model.safetensors elsewhere (`pip install huggingface_hub && hf "
+                             f"download timm/{arch}`) and pass --enc-ckpt PATH") from None
+    return Teacher(vit, grid).to(device).eval().requires_grad_(False)
+
+
+def check_teacher_grid(teacher, num_tokens):
+    # REPA aligns token i of SiT with patch i of the teacher, so the two grids must be the same
+    if teacher.grid ** 2 != num_tokens:
+        raise SystemExit(f"teacher has {teacher.grid ** 2} patch tokens ({teacher.grid}x{teacher.grid}) but SiT has "
+                         f"{num_tokens}; choose a patch size so SiT's grid is {teacher.grid}x{teacher.grid}, "
+                         f"or load the teacher with grid={int(num_tokens ** 0.5)}")
+
+
+# -----------------------------------------------------------------------------
+# SD-VAE (kl-f8 AutoencoderKL of Stable Diffusion), own implementation.
+# Module and attribute names mirror diffusers' AutoencoderKL so the released
+# stabilityai/sd-vae-ft-{ema,mse} diffusion_pytorch_model.safetensors load with
+# strict=True. Only the one SD config exists here, hence the constants.
+
+VAE_CHANNELS = (128, 256, 512, 512)  # block_out_channels; 3 resamplings -> 8x
+VAE_LATENT_CHANNELS = 4
+VAE_FILE = 'diffusion_pytorch_model.safetensors'
+
+
+def _group_norm(c):
+    return nn.GroupNorm(32, c, eps=1e-6)
+
+
+class VAEResnetBlock(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.norm1 = _group_norm(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2 = _group_norm(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        # a 1x1 projection only where the channel count changes (absent from the state dict otherwise)
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return h + (x if self.conv_shortcut is None else self.conv_shortcut(x))
+
+
+class VAEAttention(nn.Module):
+    """Single-head self-attention over all h*w positions, with residual."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.group_norm = _group_norm(c)
+        self.to_q, self.to_k, self.to_v = nn.Linear(c, c), nn.Linear(c, c), nn.Linear(c, c)
+        self.to_out = nn.ModuleList([nn.Linear(c, c)])  # diffusers key: to_out.0 (its to_out.1 is a dropout)
+
+    def forward(self, x):
+        N, C, H, W = x.shape
+        h = self.group_norm(x).flatten(2).transpose(1, 2)  # (N, H*W, C)
+        h = F.scaled_dot_product_attention(self.to_q(h), self.to_k(h), self.to_v(h))  # (N, H*W, C), scale 1/sqrt(C)
+        return x + self.to_out[0](h).transpose(1, 2).reshape(N, C, H, W)
+
+
+class VAEMidBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.resnets = nn.ModuleList([VAEResnetBlock(c, c), VAEResnetBlock(c, c)])
+        self.attentions = nn.ModuleList([VAEAttention(c)])
+
+    def forward(self, x):
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+
+
+class VAEResample(nn.Module):
+    def __init__(self, c, up):
+        super().__init__()
+        self.up = up
+        self.conv = nn.Conv2d(c, c, 3, stride=1 if up else 2, padding=1 if up else 0)
+
+    def forward(self, x):
+        if self.up:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode='nearest'))  # (N, C, 2H, 2W)
+        # SD pads right/bottom only before the stride-2 conv; a symmetric pad would shift the grid
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # (N, C, H/2, W/2)
+
+
+class VAEBlock(nn.Module):
+    """n resnets, then an optional resample stored as `downsamplers.0` / `upsamplers.0` (diffusers names)."""
+
+    def __init__(self, cin, cout, n, resample=None):  # resample: None | 'down' | 'up'
+        super().__init__()
+        self.resnets = nn.ModuleList([VAEResnetBlock(cin if i == 0 else cout, cout) for i in range(n)])
+        self.resample = resample
+        if resample:
+            setattr(self, resample + 'samplers', nn.ModuleList([VAEResample(cout, resample == 'up')]))
+
+    def forward(self, x):
+        for block in self.resnets:
+            x = block(x)
+        return getattr(self, self.resample + 'samplers')[0](x) if self.resample else x
+
+
+class VAEEncoder(nn.Module):
+    def __init__(self, ch=VAE_CHANNELS):
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, ch[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList([
+            VAEBlock(ch[max(i - 1, 0)], c, 2, 'down' if i < len(ch) - 1 else None) for i, c in enumerate(ch)])
+        self.mid_block = VAEMidBlock(ch[-1])
+        self.conv_norm_out = _group_norm(ch[-1])
+        self.conv_out = nn.Conv2d(ch[-1], 2 * VAE_LATENT_CHANNELS, 3, padding=1)
+
+    def forward(self, x):  # (N, 3, H, W)
+        x = self.conv_in(x)  # (N, 128, H, W)
+        for block in self.down_blocks:
+            x = block(x)  # ... -> (N, 512, H/8, W/8)
+        x = self.mid_block(x)  # (N, 512, H/8, W/8)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))  # (N, 8, H/8, W/8)
+
+
+class VAEDecoder(nn.Module):
+    def __init__(self, ch=VAE_CHANNELS):
+        super().__init__()
+        rch = ch[::-1]  # (512, 512, 256, 128)
+        self.conv_in = nn.Conv2d(VAE_LATENT_CHANNELS, rch[0], 3, padding=1)
+        self.mid_block = VAEMidBlock(rch[0])
+        self.up_blocks = nn.ModuleList([
+            VAEBlock(rch[max(i - 1, 0)], c, 3, 'up' if i < len(ch) - 1 else None) for i, c in enumerate(rch)])
+        self.conv_norm_out = _group_norm(rch[-1])
+        self.conv_out = nn.Conv2d(rch[-1], 3, 3, padding=1)
+
+    def forward(self, z):  # (N, 4, h, w)
+        x = self.mid_block(self.conv_in(z))  # (N, 512, h, w)
+        for block in self.up_blocks:
+            x = block(x)  # ... -> (N, 128, 8h, 8w)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))  # (N, 3, 8h, 8w)
+
+
+class AutoencoderKL(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = VAEEncoder()
+        self.decoder = VAEDecoder()
+        self.quant_conv = nn.Conv2d(2 * VAE_LATENT_CHANNELS, 2 * VAE_LATENT_CHANNELS, 1)
+        self.post_quant_conv = nn.Conv2d(VAE_LATENT_CHANNELS, VAE_LATENT_CHANNELS, 1)
+
+    def encode_moments(self, x):
+        """x (N, 3, H, W) in [-1, 1] -> cat[mean, std] (N, 8, H/8, W/8); the latent is mean + std * eps, unscaled."""
+        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)  # (N, 4, H/8, W/8) each
+        return torch.cat([mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))], dim=1)  # clamp as diffusers
+
+    def decode(self, z):
+        """Unscaled latent z (N, 4, h, w) -> image (N, 3, 8h, 8w), roughly in [-1, 1]."""
+        return self.decoder(self.post_quant_conv(z))
+
+
+# diffusers' deprecated attention names, still used in the released sd-vae-ft-* files
+_OLD_ATTN_NAMES = {'query': 'to_q', 'key': 'to_k', 'value': 'to_v', 'proj_attn': 'to_out.0'}
+
+
+def _rename_old_attention_key(k):
+    parts = k.split('.')
+    if 'attentions' in parts and len(parts) >= 2 and parts[-2] in _OLD_ATTN_NAMES:
+        parts[-2] = _OLD_ATTN_NAMES[parts[-2]]
+    return '.'.join(parts)
+
+
+def _resolve_vae_file(name):
+    """Local file / directory / Hugging Face repo id -> path of a local weights file, or SystemExit."""
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, VAE_FILE)):
+            raise SystemExit(f"VAE: directory {path} has no {VAE_FILE}; pass the file itself with --vae PATH")
+        return os.path.join(path, VAE_FILE)
+    if os.path.isfile(path):
+        return path
+    # a repo id is 'owner/name'; anything else that does not exist is a mistyped local path
+    if path.endswith(('.safetensors', '.bin', '.pt', '.pth')) or name.count('/') != 1 or name.startswith(('.', '/', '~')):
+        raise SystemExit(f"VAE: no such file or directory: {path} (pass --vae PATH to an SD-VAE {VAE_FILE})")
+    fix = (f"download it where there is internet with `hf download {name} {VAE_FILE} --local-dir DIR` "
+           f"and pass --vae DIR")
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise SystemExit(f"VAE: huggingface_hub is not installed, cannot fetch '{name}': `pip install huggingface_hub`, or {fix}")
+    try:
+        return hf_hub_download(repo_id=name, filename=VAE_FILE)
+    except Exception as e:  # offline, unknown repo, missing file, auth: all end the same way for the user
+        msg = (str(e).strip().splitlines() or [''])[0][:160]
+        raise SystemExit(f"VAE: could not get {VAE_FILE} from Hugging Face repo '{name}' ({type(e).__name__}: {msg}); {fix}")
+
+
+def load_vae(name_or_path='stabilityai/sd-vae-ft-ema', device='cpu'):
+    """Load SD-VAE weights (diffusers layout) into our AutoencoderKL; frozen, eval mode, on `device`."""
+    file = _resolve_vae_file(name_or_path)
+    if file.endswith('.safetensors'):
+        from safetensors.torch import load_file
+        sd = load_file(file)
+    else:
+        sd = torch.load(file, map_location='cpu', weights_only=True)
+    sd = {_rename_old_attention_key(k): v for k, v in sd.items()}
+    vae = AutoencoderKL()
+    ref = vae.state_dict()
+    missing, unexpected = sorted(set(ref) - set(sd)), sorted(set(sd) - set(ref))
+    bad_shape = [f"{k} {tuple(sd[k].shape)}!={tuple(ref[k].shape)}" for k in ref if k in sd and sd[k].shape != ref[k].shape]
+    if missing or unexpected or bad_shape:
+        raise SystemExit(f"VAE: {file} is not an SD-VAE kl-f8 state dict in diffusers layout: "
+                         f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+                         f"(e.g. {unexpected[:3]}), {len(bad_shape)} wrong shape (e.g. {bad_shape[:2]})")
+    vae.load_state_dict(sd, strict=True)
+    return vae.to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def vae_decode_to_uint8(vae, z, batch_size=32):
+    """Unscaled latents (N, 4, h, w) -> uint8 images (N, 3, 8h, 8w) on CPU, decoded batch_size at a time."""
+    device = next(vae.parameters()).device
+    out = []
+    for zb in torch.as_tensor(z).split(batch_size):
+        # bf16 on CUDA: ~2x faster and the result is quantised to 8 bits anyway
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda'):
+            x = vae.decode(zb.to(device, torch.float32))  # (B, 3, 8h, 8w)
+        out.append(to_uint8(x).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def vae_encode_moments(vae, images, batch_size=32):
+    """uint8 images (N, 3, H, W) -> float32 moments cat[mean, std] (N, 8, H/8, W/8) on CPU."""
+    device = next(vae.parameters()).device
+    out = []
+    for xb in torch.as_tensor(images).split(batch_size):
+        x = xb.to(device, torch.float32) / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
+        # fp32, no autocast: these moments become the training set, computed once; bf16 would keep ~3 digits
+        out.append(vae.encode_moments(x).float().cpu())  # (B, 8, H/8, W/8)
+    return torch.cat(out)
+
+
+def center_crop_arr(pil_image, image_size):
+    """ADM / DiT / REPA center crop: PIL image -> uint8 (image_size, image_size, 3) RGB array."""
+    from PIL import Image
+    if pil_image.mode != 'RGB':  # L, RGBA (alpha dropped), CMYK, P, ...
+        pil_image = pil_image.convert('RGB')
+    # halve with a box filter while at least 2x too large (cheap anti-aliasing), then one bicubic resize
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)  # (H, W, 3), min(H, W) == image_size
+    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return arr[top: top + image_size, left: left + image_size]
+
+
+# -----------------------------------------------------------------------------
+# Training helpers: distributed set-up, EMA, checkpoints, signals, logging
+
+
+def setup_distributed():
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python script.py` runs as one process, no group."""
+    if 'RANK' not in os.environ:
+        device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+        return 0, 1, device
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ['LOCAL_RANK']))
+    dist.init_process_group('nccl' if cuda else 'gloo')
+    device = torch.device('cuda', int(os.environ['LOCAL_RANK'])) if cuda else torch.device('cpu')
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def all_mean(x):
+    """Mean of a tensor over ranks (identity without a process group)."""
+    if dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+
+
+def save_checkpoint(path, obj):
+    """Atomic: a crash mid-write leaves the previous file intact, never a truncated one."""
+    tmp = f'{path}.tmp'
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        fail(f"checkpoint '{path}' does not exist; pass the path to a .pt file (or a run folder to resume)")
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        fail(f"cannot read checkpoint '{path}' ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+
+
+def latest_checkpoint(run_dir):
+    d = os.path.join(run_dir, 'checkpoints')
+    files = sorted(f for f in os.listdir(d) if f.endswith('.pt')) if os.path.isdir(d) else []
+    return os.path.join(d, files[-1]) if files else None
+
+
+def rng_state(device):
+    state = {'cpu': torch.get_rng_state()}
+    if device.type == 'cuda':
+        state['cuda'] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state['cpu'])
+    if device.type == 'cuda':
+        torch.cuda.set_rng_state(state['cuda'], device)
+
+
+class StopFlag:
+    """SIGTERM (preemption) or SIGUSR1 (e.g. Slurm's --signal) asks the loop to save and exit at the next step.
+    Ranks agree through a CPU all-reduce so every rank stops at the same step (no GPU sync needed)."""
+
+    def __init__(self):
+        self.local = False
+        self.group = dist.new_group(backend='gloo') if dist.is_initialized() else None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.local = True
+
+    def __call__(self):
+        flag = torch.tensor([float(self.local)])
+        if self.group is not None:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
+
+
+def parse_config(defaults, presets, argv, doc):
+    """--key value overrides of a dict of named defaults; --preset NAME applies a named set first."""
+    import argparse
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--preset', choices=sorted(presets), help='named override set, applied before other flags')
+    for k, v in defaults.items():
+        if k == 'method':  # fixed by the script, not a flag
+            continue
+        flag = '--' + k.replace('_', '-')
+        if isinstance(v, bool):
+            p.add_argument(flag, type=lambda s: s.lower() in ('1', 'true', 'yes'), metavar='BOOL',
+                           help=f'default {v}')
+        else:
+            p.add_argument(flag, type=type(v) if v is not None else str, help=f'default {v}')
+    args = p.parse_args(argv)
+    cfg = dict(defaults)
+    if args.preset:
+        cfg.update(presets[args.preset])
+    cfg.update({k: v for k, v in vars(args).items() if v is not None and k != 'preset'})
+    return cfg
+
+
+def format_time(seconds):
+    seconds = int(seconds)
+    return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+class Logger:
+    """Rank 0 prints to stdout and appends to RUN/log.txt; metrics go to RUN/metrics.jsonl (one JSON per line)."""
+
+    def __init__(self, run_dir, rank, use_wandb=False, config=None):
+        self.rank, self.run_dir, self.wandb = rank, run_dir, None
+        if rank == 0 and use_wandb:
+            try:
+                import wandb
+            except ImportError:
+                fail('--wandb needs the wandb package: pip install wandb')
+            self.wandb = wandb.init(config=config, dir=run_dir, name=os.path.basename(run_dir))
+
+    def __call__(self, msg):
+        if self.rank == 0:
+            line = f'[{time.strftime("%H:%M:%S")}] {msg}'
+            print(line, flush=True)
+            with open(os.path.join(self.run_dir, 'log.txt'), 'a') as f:
+                f.write(line + '\n')
+
+    def metrics(self, step, values):
+        if self.rank == 0:
+            with open(os.path.join(self.run_dir, 'metrics.jsonl'), 'a') as f:
+                f.write(json.dumps({'step': step, **values}) + '\n')
+            if self.wandb is not None:
+                self.wandb.log(values, step=step)
+
+
+def save_grid(images, path, nrow):
+    """uint8 (N, 3, H, W) -> one PNG grid with 2 px gaps."""
+    from PIL import Image
+    n, _, h, w = images.shape
+    ncol = math.ceil(n / nrow)
+    grid = np.zeros((ncol * (h + 2) + 2, nrow * (w + 2) + 2, 3), dtype=np.uint8)
+    for i, img in enumerate(images.cpu().numpy().transpose(0, 2, 3, 1)):
+        r, c = divmod(i, nrow)
+        grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + c * (w + 2): 2 + c * (w + 2) + w] = img
+    Image.fromarray(grid).save(path)

@@ -1,0 +1,296 @@
+"""sit.py: the backbone against the published layout and counts, the samplers against closed forms."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import sit
+
+DATA = os.path.join(os.path.dirname(__file__), 'data')
+
+
+# -----------------------------------------------------------------------------
+# backbone
+
+@pytest.mark.parametrize('name,kwargs,count', [
+    ('SiT-XL/2', {}, 675_111_184),                     # REPA's SiT-XL/2 without its projector
+    ('SiT-B/2', {}, 130_500_112),
+    ('SiT-XL/2', {'z_dims': [768]}, 683_242_512),      # with REPA's projector, as REPA's own model counts
+    ('SiT-XL/2', {'learn_sigma': True}, 675_129_632),  # DiT-XL/2 / original SiT-XL/2 (8 output channels)
+])
+def test_parameter_counts(name, kwargs, count):
+    with torch.device('meta'):
+        model = sit.SiT_models[name](**kwargs)
+    assert sum(p.numel() for p in model.parameters()) == count
+
+
+@pytest.mark.parametrize('fixture,kwargs,extra', [
+    ('repa_sit_xl2.json', {}, {'projectors.'}),                      # REPA EMA into a model without projector
+    ('repa_sit_xl2.json', {'z_dims': [768]}, set()),
+    ('sit_xl2.json', {'learn_sigma': True}, set()),                   # the original SiT release
+])
+def test_released_layouts_load(fixture, kwargs, extra):
+    """Key names and shapes recorded from the official REPA and SiT model code (tests/data/*.json)."""
+    with open(os.path.join(DATA, fixture)) as f:
+        shapes = json.load(f)
+    with torch.device('meta'):
+        model = sit.SiT_models['SiT-XL/2'](**kwargs)
+    sd = {k: torch.empty(s, device='meta') for k, s in shapes.items()}
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    assert missing == []
+    assert {k.split('.')[0] + '.' for k in unexpected} == extra
+    ours = model.state_dict()
+    assert all(list(ours[k].shape) == shapes[k] for k in ours)
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    return sit.SiT(input_size=8, patch_size=2, in_channels=3, hidden_size=64, depth=4, num_heads=4, num_classes=5,
+                   **kw)
+
+
+def test_zero_output_at_init():
+    model = tiny()
+    v, aux = model(torch.randn(3, 3, 8, 8), torch.rand(3), torch.tensor([0, 1, 5]))
+    assert v.shape == (3, 3, 8, 8) and aux == {}
+    assert torch.count_nonzero(v) == 0            # adaLN-Zero: the final linear starts at zero
+
+
+def perturbed(model):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def test_pos_embed_is_mae_layout():
+    """DiT's numpy reference: first half of the channels from the column index, second half from the row."""
+    dim, g = 16, 4
+    omega = 1.0 / 10000 ** (np.arange(dim // 4) / (dim / 4))
+    def emb1d(pos):
+        out = np.outer(pos, omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+    cols, rows = np.meshgrid(np.arange(g), np.arange(g))
+    expected = np.concatenate([emb1d(cols.reshape(-1)), emb1d(rows.reshape(-1))], axis=1)
+    assert np.allclose(sit.sincos_pos_embed(dim, g).numpy(), expected, atol=1e-6)
+
+
+def test_attention_logits_and_sdpa_path_agree():
+    model = perturbed(tiny()).eval()
+    x, t, y = torch.randn(2, 3, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    v0, _ = model(x, t, y)
+    v1, aux = model(x, t, y, attn_blocks=(2, 0))
+    assert torch.allclose(v0, v1, atol=1e-5)      # the explicit softmax path computes the same attention
+    # block 0's logits by hand from its own qkv weights
+    blk = model.blocks[0]
+    h = model.x_embedder(x) + model.pos_embed
+    c = model.t_embedder(t) + model.y_embedder(y)
+    shift, scale = blk.adaLN_modulation(c).chunk(6, dim=1)[:2]
+    a = sit.modulate(blk.norm1(h), shift, scale)
+    q, k, _ = blk.attn.qkv(a).chunk(3, dim=-1)
+    q = q.view(2, -1, 4, 16).transpose(1, 2)
+    k = k.view(2, -1, 4, 16).transpose(1, 2)
+    assert len(aux['attn']) == 2 and aux['attn'][0].shape == (2, 4, 16, 16)
+    assert torch.allclose(aux['attn'][1], q @ k.transpose(-1, -2) / 4.0, atol=1e-5)
+
+
+def test_projector_taps_encoder_depth():
+    x, t, y = torch.randn(2, 3, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    for depth in (1, 3):
+        model = perturbed(tiny(z_dims=[7], projector_dim=32, encoder_depth=depth)).eval()
+        hidden = []
+        handles = [b.register_forward_hook(lambda m, i, o: hidden.append(o[0])) for b in model.blocks]
+        _, aux = model(x, t, y, return_zs=True)
+        for hd in handles:
+            hd.remove()
+        assert torch.allclose(aux['zs'][0], model.projectors[0](hidden[depth - 1]), atol=1e-6)
+        assert not torch.allclose(aux['zs'][0], model.projectors[0](hidden[depth]), atol=1e-3)
+
+
+def test_learn_sigma_returns_first_channels():
+    model = perturbed(tiny(learn_sigma=True)).eval()
+    x, t, y = torch.randn(2, 3, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    v, _ = model(x, t, y)
+    full = model.unpatchify(model.final_layer(*_trunk(model, x, t, y)))
+    assert v.shape == (2, 3, 8, 8) and torch.allclose(v, full[:, :3])
+
+
+def _trunk(model, x, t, y):
+    h = model.x_embedder(x) + model.pos_embed
+    c = model.t_embedder(t) + model.y_embedder(y)
+    for b in model.blocks:
+        h, _ = b(h, c)
+    return h, c
+
+
+def test_ema_update():
+    a, b = perturbed(tiny()), perturbed(tiny())
+    expect = [0.9 * pa + 0.1 * pb for pa, pb in zip(a.parameters(), b.parameters())]
+    sit.update_ema(a, b, 0.9)
+    assert all(torch.allclose(p, e) for p, e in zip(a.parameters(), expect))
+
+
+# -----------------------------------------------------------------------------
+# samplers against the exact velocity field of Gaussian data
+
+class GaussianVelocity(torch.nn.Module):
+    """E[eps - x | x_t] for x ~ N(m_y, s_y^2) per dimension, eps ~ N(0, 1), x_t = (1 - t) x + t eps."""
+
+    def __init__(self, means, stds):
+        super().__init__()
+        self.m, self.s = torch.tensor(means), torch.tensor(stds)
+        self.num_classes = len(means) - 1                   # the last row plays the null class
+        self.calls = []
+
+    def forward(self, x, t, y):
+        self.calls.append((float(t[0]), x.shape[0]))
+        m, s2 = self.m[y].view(-1, 1), self.s[y].view(-1, 1) ** 2
+        t = t.view(-1, 1).double()
+        var = (1 - t) ** 2 * s2 + t ** 2                     # Var x_t
+        cov = t - (1 - t) * s2                               # Cov(v, x_t)
+        return (-m + cov / var * (x - (1 - t) * m)).float(), {}
+
+
+def gaussian_case(n=20000):
+    torch.manual_seed(0)
+    model = GaussianVelocity([2.0, -1.0, 0.0], [0.5, 1.5, 1.0])
+    y = torch.arange(n) % 2
+    return model, torch.randn(n, 2), y
+
+
+@pytest.mark.parametrize('sampler,kwargs', [
+    (sit.euler_sampler, dict(num_steps=200)),
+    (sit.euler_sampler, dict(num_steps=20, heun=True)),
+    (sit.euler_maruyama_sampler, dict(num_steps=250)),
+])
+def test_samplers_reach_gaussian_target(sampler, kwargs):
+    """Mean and std of each class within 4 standard errors (+ a 1% discretisation allowance)."""
+    model, z, y = gaussian_case()
+    x = sampler(model, z, y, **kwargs)
+    for k, (m, s) in enumerate([(2.0, 0.5), (-1.0, 1.5)]):
+        xk = x[y == k]
+        se = s / math.sqrt(xk.numel())
+        assert abs(xk.mean().item() - m) < 4 * se + 0.01 * s
+        assert abs(xk.std().item() - s) < 4 * se / math.sqrt(2) + 0.01 * s
+
+
+def test_ode_is_exact_transport():
+    """With the exact field, the ODE maps each noise sample to m + s * eps (the Gaussian's linear transport)."""
+    model, z, y = gaussian_case(2000)
+    x = sit.euler_sampler(model, z, y, num_steps=400)
+    m, s = model.m[y].view(-1, 1), model.s[y].view(-1, 1)
+    assert (x - (m + s * z)).abs().max() < 0.02
+
+
+def test_sde_noise_matters_and_last_step_is_mean():
+    model, z, y = gaussian_case(4000)
+    torch.manual_seed(1)
+    a = sit.euler_maruyama_sampler(model, z, y, num_steps=50)
+    torch.manual_seed(2)
+    b = sit.euler_maruyama_sampler(model, z, y, num_steps=50)
+    assert (a - b).abs().mean() > 0.1                  # stochastic
+    # steps: 49 noisy ones on linspace(1, 0.04, 50), then the mean step 0.04 -> 0 at t = 0.04
+    assert [c[0] for c in model.calls[-50:]] == pytest.approx(list(np.linspace(1, 0.04, 50)))
+
+
+def test_cfg_scale_one_is_no_cfg():
+    model, z, y = gaussian_case(500)
+    a = sit.euler_sampler(model, z, y, num_steps=10)
+    n_calls = len(model.calls)
+    b = sit.euler_sampler(model, z, y, num_steps=10, cfg_scale=1.0)
+    assert torch.equal(a, b)
+    assert all(bs == 500 for _, bs in model.calls[n_calls:])   # and no doubled batch
+
+
+def test_cfg_formula_and_interval():
+    model, z, y = gaussian_case(300)
+    s, lo, hi = 3.0, 0.25, 0.75  # off the time grid: no float ties at the ends
+    x = sit.euler_sampler(model, z, y, num_steps=10, cfg_scale=s, guidance_low=lo, guidance_high=hi)
+    # reference Euler loop, guidance written out by hand
+    ref, ts = z.clone(), np.linspace(1, 0, 11)
+    null = torch.full_like(y, 2)
+    for t0, t1 in zip(ts[:-1], ts[1:]):
+        tv = torch.full((300,), t0)
+        vc = model(ref, tv, y)[0]
+        v = model(ref, tv, null)[0] + s * (vc - model(ref, tv, null)[0]) if lo <= t0 <= hi else vc
+        ref = ref + (t1 - t0) * v
+    assert torch.allclose(x, ref, atol=1e-5)
+    doubled = sorted(round(t, 6) for t, bs in model.calls[:10] if bs == 600)
+    assert doubled == [0.3, 0.4, 0.5, 0.6, 0.7]      # only inside the interval
+    no_guidance = sit.euler_sampler(model, z, y, num_steps=10)
+    assert not torch.allclose(x, no_guidance, atol=1e-2)
+
+
+def test_score_from_velocity():
+    """Linear path: score(x_t) = -E[eps | x_t] / t; check on the Gaussian case against the density's gradient."""
+    model, _, _ = gaussian_case()
+    x, t, y = torch.randn(100, 2), 0.37, torch.zeros(100, dtype=torch.long)
+    v = model(x, torch.full((100,), t), y)[0]
+    m, s2 = 2.0, 0.25
+    var = (1 - t) ** 2 * s2 + t ** 2
+    assert torch.allclose(sit.score_from_velocity(v, x, t), -(x - (1 - t) * m) / var, atol=1e-5)
+
+
+def test_flip_time_converts_sit_convention():
+    ours = perturbed(tiny()).eval()
+
+    class SiTConvention(torch.nn.Module):  # a model trained with t = 0 noise, v = x - eps
+        num_classes = 5
+
+        def forward(self, x, t, y):
+            v, aux = ours(x, 1 - t, y)
+            return -v, aux
+    x, t, y = torch.randn(2, 3, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    assert torch.allclose(sit.flip_time(SiTConvention())(x, t, y)[0], ours(x, t, y)[0], atol=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# prepared dataset
+
+def test_dataset_errors(tmp_path):
+    with pytest.raises(SystemExit, match='does not exist.*prepare.py toy'):
+        sit.PreparedDataset(str(tmp_path / 'nowhere'))
+    with pytest.raises(SystemExit, match='no dataset.json'):
+        sit.PreparedDataset(str(tmp_path))
+    import prepare
+    prepare.prepare_toy(str(tmp_path / 'toy'), per_class=2, resolution=16)
+    ds = sit.PreparedDataset(str(tmp_path / 'toy'), images=True)
+    img, m, y = ds[3]
+    assert img.dtype == torch.uint8 and m.shape == (6, 16, 16) and 0 <= y < 10
+    assert torch.allclose(m[:3], img.float() / 127.5 - 1, atol=1e-6) and m[3:].abs().max() == 0
+    np.save(tmp_path / 'toy' / 'labels.npy', np.zeros(7, dtype=np.int64))
+    with pytest.raises(SystemExit, match=r'labels.npy.*shape \(7,\).*\(20,\)'):
+        sit.PreparedDataset(str(tmp_path / 'toy'))
+    os.remove(tmp_path / 'toy' / 'moments.npy')
+    with pytest.raises(SystemExit, match='moments.npy.*missing'):
+        sit.PreparedDataset(str(tmp_path / 'toy'))
+
+
+def test_sample_latents_and_decode():
+    torch.manual_seed(0)
+    mean, std = torch.randn(4000, 1, 2, 2), torch.full((4000, 1, 2, 2), 0.5)
+    z = sit.sample_latents(torch.cat([mean, std], 1), 0.18215)
+    r = z / 0.18215 - mean
+    assert abs(r.std().item() - 0.5) < 0.02 and abs(r.mean().item()) < 0.02
+    meta = dict(latent_scale=1.0, autoencoder='identity')
+    img = sit.decode_latents(torch.tensor([-2.0, -1.0, 0.0, 0.999, 1.0, 3.0]).view(1, 1, 2, 3), meta)
+    assert img.flatten().tolist() == [0, 0, 128, 255, 255, 255]  # clamp, (x + 1) * 127.5, round (0 -> 127.5 -> 128)
+
+
+def test_toy_is_deterministic_and_class_conditional(tmp_path):
+    import prepare
+    prepare.prepare_toy(str(tmp_path / 'a'), per_class=6, resolution=32, seed=3)
+    prepare.prepare_toy(str(tmp_path / 'b'), per_class=6, resolution=32, seed=3)
+    a = np.load(tmp_path / 'a' / 'images.npy')
+    assert np.array_equal(a, np.load(tmp_path / 'b' / 'images.npy'))
+    labels = np.load(tmp_path / 'a' / 'labels.npy')
+    assert np.bincount(labels).tolist() == [6] * 10
+    # the class colour is what the brightest pixels look like
+    for k, (_, _, colour) in enumerate(prepare.TOY_CLASSES):
+        imgs = a[labels == k].astype(float)                              # (6, 3, 32, 32)
+        bright = imgs.sum(1) > imgs.sum(1).reshape(6, -1).max(1)[:, None, None] * 0.8
+        mean_col = np.stack([imgs[:, c][bright] for c in range(3)], 1).mean(0)
+        assert np.abs(mean_col - np.array(colour)).max() < 45, (k, mean_col, colour)

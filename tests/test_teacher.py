@@ -1,0 +1,160 @@
+import math
+import os
+import sys
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from sit import DINOV2, Teacher, check_teacher_grid, load_teacher
+
+GRID = 4  # 56 px teacher input keeps ViT-S/14 fast on CPU
+
+
+def one_line_exit(excinfo, *words):
+    msg = str(excinfo.value.code)
+    assert msg and '\n' not in msg, msg
+    for w in words:
+        assert w in msg, msg
+
+
+@pytest.fixture(scope='module')
+def teacher():
+    torch.manual_seed(0)
+    return load_teacher('dinov2-s', weights='random', grid=GRID)
+
+
+@pytest.fixture(scope='module')
+def images():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 256, (2, 3, 32, 32), generator=g, dtype=torch.uint8)
+
+
+def test_frozen_shapes(teacher, images):
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert teacher.resolution == 56 and teacher.grid == GRID and teacher.dim == 384
+    out = teacher(images)
+    assert set(out) == {'patch', 'cls'}
+    assert out['patch'].shape == (2, GRID * GRID, 384) and out['cls'].shape == (2, 384)
+    assert out['patch'].dtype == torch.float32 and not out['patch'].requires_grad
+
+
+def test_preprocess_by_hand(teacher, images):
+    # bicubic weights sum to 1, so resizing the raw 0..255 image then normalizing is the same map in another order
+    up = F.interpolate(images.double(), size=(56, 56), mode='bicubic', align_corners=False)
+    mean = torch.tensor([0.485, 0.456, 0.406], dtype=torch.double).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], dtype=torch.double).view(1, 3, 1, 1)
+    ref = (up / 255 - mean) / std
+    got = teacher.preprocess(images)
+    assert got.shape == (2, 3, 56, 56) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), ref, atol=5e-5, rtol=0)  # float32 vs float64
+    torch.testing.assert_close(teacher.preprocess(images.float()), got)  # uint8 and float 0..255 agree
+
+
+def test_tokens_match_timm(teacher, images):
+    out = teacher(images)
+    feats = teacher.vit.forward_features(teacher.preprocess(images))
+    assert teacher.vit.num_prefix_tokens == 1  # no-register DINOv2
+    torch.testing.assert_close(out['patch'], feats[:, 1:])
+    torch.testing.assert_close(out['cls'], feats[:, 0])
+    # other input sizes are resized to the same 56 px grid
+    big = torch.randint(0, 256, (1, 3, 64, 48), dtype=torch.uint8)
+    assert teacher(big)['patch'].shape == (1, GRID * GRID, 384)
+
+
+def test_attention_logits(teacher, images):
+    chosen = (7, 2)
+    out = teacher(images, attn_blocks=chosen)
+    assert len(out['attn']) == 2
+    got = dict(zip(chosen, out['attn']))
+    vit = teacher.vit
+    # reference: walk timm's blocks by hand and build q k^T / sqrt(d) from the raw qkv weight matrix
+    x = vit.norm_pre(vit._pos_embed(vit.patch_embed(teacher.preprocess(images))))
+    for i, blk in enumerate(vit.blocks):
+        if i in chosen:
+            a = blk.attn
+            H, d = a.num_heads, a.head_dim
+            h = blk.norm1(x)                                      # (N, L, D)
+            N, L, D = h.shape
+            qkv = h @ a.qkv.weight.T + a.qkv.bias                 # (N, L, 3D) laid out [q | k | v], heads inside
+            q, k, v = (t.view(N, L, H, d).transpose(1, 2) for t in qkv.split(D, dim=-1))
+            ref = q @ k.transpose(-2, -1) / math.sqrt(d)          # (N, H, L, L)
+            assert got[i].shape == (2, 6, 1 + GRID * GRID, 1 + GRID * GRID)
+            torch.testing.assert_close(got[i], ref, atol=1e-5, rtol=1e-4)
+            # softmax of the returned logits must be the attention timm really uses (a wrong scale fails here)
+            o = (got[i].softmax(-1) @ v).transpose(1, 2).reshape(N, L, D)
+            torch.testing.assert_close(a.proj(o), a(h), atol=1e-5, rtol=1e-4)
+        x = blk(x)
+
+
+def test_only_asked_blocks_pay(teacher, images):
+    calls = [0] * len(teacher.vit.blocks)
+    hooks = [b.attn.qkv.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i, b in enumerate(teacher.vit.blocks)]
+    try:
+        assert 'attn' not in teacher(images)
+        assert calls == [1] * 12
+        calls[:] = [0] * 12
+        out = teacher(images, attn_blocks=[5, 0, 5])
+        assert calls == [2 if i in (0, 5) else 1 for i in range(12)]
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(out['attn']) == 3 and out['attn'][0] is out['attn'][2]  # same order as asked
+    assert not teacher.vit.blocks[5].attn._forward_pre_hooks  # hooks are removed after each call
+
+
+def test_random_weights_warn(capsys):
+    load_teacher('dinov2-s', weights='random', grid=2)
+    err = capsys.readouterr().err
+    assert 'RANDOM' in err and 'mechanics check' in err
+
+
+def test_local_weights(tmp_path, teacher):
+    # a checkpoint saved at DINOv2's native 518 px (37x37 pos-embed) must load into the 4x4 grid teacher
+    src = timm.create_model(DINOV2['dinov2-s'], pretrained=False, num_classes=0)
+    path = tmp_path / 'dinov2_s.pth'
+    torch.save(src.state_dict(), path)
+    t = load_teacher('dinov2-s', weights=str(path), grid=GRID)
+    assert t.vit.pos_embed.shape == (1, 1 + GRID * GRID, 384)
+    torch.testing.assert_close(t.vit.blocks[3].attn.qkv.weight, src.blocks[3].attn.qkv.weight)
+    with pytest.raises(SystemExit) as e:
+        load_teacher('dinov2-s', weights=str(tmp_path / 'missing.pth'), grid=GRID)
+    one_line_exit(e, 'missing.pth')
+
+
+def test_unknown_name():
+    with pytest.raises(SystemExit) as e:
+        load_teacher('dinov3-b', weights='random')
+    one_line_exit(e, 'dinov3-b', *DINOV2)
+
+
+def test_offline_hub(monkeypatch):
+    real = timm.create_model
+
+    def fake(name, pretrained=False, **kw):
+        if pretrained:
+            raise OSError('We could not connect to huggingface.co\nmore detail')
+        return real(name, pretrained=False, **kw)
+
+    monkeypatch.setattr(timm, 'create_model', fake)
+    with pytest.raises(SystemExit) as e:
+        load_teacher('dinov2-b', grid=GRID)
+    one_line_exit(e, 'timm/vit_base_patch14_dinov2.lvd142m', '--enc-ckpt')
+
+
+def test_grid_mismatch(teacher, images):
+    vit = timm.create_model(DINOV2['dinov2-s'], pretrained=False, num_classes=0, img_size=56)
+    with pytest.raises(SystemExit) as e:
+        Teacher(vit, grid=5)(images)  # ViT built for 4x4, caller expects 5x5
+    one_line_exit(e, '5x5')
+    vit16 = timm.create_model('vit_tiny_patch16_224', pretrained=False, num_classes=0, img_size=64)
+    with pytest.raises(SystemExit) as e:
+        Teacher(vit16, grid=4)(images)  # 16 px patches are not DINOv2's 14
+    one_line_exit(e, '14 px')
+    check_teacher_grid(teacher, GRID * GRID)
+    with pytest.raises(SystemExit) as e:
+        check_teacher_grid(teacher, 64)
+    one_line_exit(e, '16', '64')
