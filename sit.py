@@ -218,7 +218,7 @@ def build_model(name, **kwargs):
         fail(f"latent size {kwargs['input_size']} is not divisible by the patch size of {name}")
     depth = SIZES[name[4:].split('/')[0]][0]
     if kwargs.get('z_dims') and not 1 <= kwargs.get('encoder_depth', 8) <= depth:
-        fail(f"encoder_depth {kwargs['encoder_depth']} is outside {name}'s blocks 1..{depth}; pass --encoder-depth")
+        fail(f"encoder_depth {kwargs.get('encoder_depth', 8)} is outside {name}'s blocks 1..{depth}; pass --encoder-depth")
     return SiT_models[name](**kwargs)
 
 
@@ -369,7 +369,7 @@ def check_data_model(meta, model):
     if (c, s) != (model.in_channels, model.grid * model.patch_size) or meta['num_classes'] != model.num_classes:
         fail(f"dataset latents are {c}x{s}x{s} with {meta['num_classes']} classes but the model expects "
              f"{model.in_channels}x{model.grid * model.patch_size}x{model.grid * model.patch_size} with "
-             f"{model.num_classes} classes; pass a matching --model/--data-path (e.g. --preset toy for toy data)")
+             f"{model.num_classes} classes; pass a matching --model / --data-path")
 
 
 def sample_latents(moments, scale):
@@ -783,6 +783,8 @@ def save_checkpoint(path, obj):
 def load_checkpoint(path):
     if not os.path.isfile(path):
         fail(f"checkpoint '{path}' does not exist; pass the path to a .pt file (or a run folder to resume)")
+    import argparse
+    torch.serialization.add_safe_globals([argparse.Namespace])  # REPA's last.pt stores its args (plain values)
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
