@@ -691,14 +691,7 @@ def load_vae(name_or_path='stabilityai/sd-vae-ft-ema', device='cpu'):
         sd = torch.load(file, map_location='cpu', weights_only=True)
     sd = {_rename_old_attention_key(k): v for k, v in sd.items()}
     vae = AutoencoderKL()
-    ref = vae.state_dict()
-    missing, unexpected = sorted(set(ref) - set(sd)), sorted(set(sd) - set(ref))
-    bad_shape = [f"{k} {tuple(sd[k].shape)}!={tuple(ref[k].shape)}" for k in ref if k in sd and sd[k].shape != ref[k].shape]
-    if missing or unexpected or bad_shape:
-        raise SystemExit(f"VAE: {file} is not an SD-VAE kl-f8 state dict in diffusers layout: "
-                         f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
-                         f"(e.g. {unexpected[:3]}), {len(bad_shape)} wrong shape (e.g. {bad_shape[:2]})")
-    vae.load_state_dict(sd, strict=True)
+    load_weights(vae, sd, f"VAE: {file} is not an SD-VAE kl-f8 state dict in diffusers layout")
     return vae.to(device).eval().requires_grad_(False)
 
 
@@ -722,7 +715,8 @@ def vae_encode_moments(vae, images, batch_size=32):
     out = []
     for xb in torch.as_tensor(images).split(batch_size):
         x = xb.to(device, torch.float32) / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
-        # fp32, no autocast: these moments become the training set, computed once; bf16 would keep ~3 digits
+        # no autocast: these moments become the training set, computed once; bf16 would keep ~3 digits (cuDNN may
+        # still use TF32 convolutions on Ampere+ unless torch.backends.cudnn.allow_tf32 is off, as in REPA's run)
         out.append(vae.encode_moments(x).float().cpu())  # (B, 8, H/8, W/8)
     return torch.cat(out)
 
@@ -778,6 +772,17 @@ def save_checkpoint(path, obj):
     tmp = f'{path}.tmp'
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def load_weights(model, sd, what):
+    """Strict load_state_dict, but one readable line naming the mismatched keys instead of a multi-line error."""
+    ref = model.state_dict()
+    missing, unexpected = sorted(set(ref) - set(sd)), sorted(set(sd) - set(ref))
+    shape = [f'{k} {tuple(sd[k].shape)}!={tuple(ref[k].shape)}' for k in ref if k in sd and sd[k].shape != ref[k].shape]
+    if missing or unexpected or shape:
+        fail(f"{what}: {len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+             f"(e.g. {unexpected[:3]}), {len(shape)} of wrong shape (e.g. {shape[:2]})")
+    model.load_state_dict(sd, strict=True)
 
 
 def load_checkpoint(path):

@@ -1,0 +1,280 @@
+"""
+sample.py: sample a trained SiT checkpoint for evaluation (PNGs + one ADM-format .npz) or as a preview grid.
+
+  torchrun --nproc_per_node=8 sample.py --ckpt runs/repa/checkpoints/0400000.pt --num-samples 50000 \\
+      --mode sde --num-steps 250 --cfg-scale 1.8 --guidance-high 0.7      # REPA's headline protocol
+  -> runs/repa/samples/0400000-ema-sde250-cfg1.8-g0.0-0.7-seed0/000000.png ... and, beside the folder,
+     runs/repa/samples/0400000-ema-sde250-cfg1.8-g0.0-0.7-seed0.npz       (arr_0: uint8 (N, H, W, 3))
+  python sample.py --ckpt runs/toy-vanilla/checkpoints/0001000.pt --num-samples 100 --mode ode --num-steps 50
+  python sample.py --ckpt runs/toy-vanilla --grid 4 --cfg-scale 4    # newest checkpoint, one column per class
+  python sample.py --ckpt pretrained/last.pt --model SiT-XL/2 --vae DIR ...            # REPA / HASTE release
+  python sample.py --ckpt pretrained/SiT-XL-2-256.pt --model SiT-XL/2 --sit-convention  # original SiT release
+
+Checkpoints of this repo know their method, model and dataset (config inside), so they need no extra flags;
+EMA weights unless --weights model. Released state dicts (raw, or a dict with 'ema') need --model and use
+ImageNet's latent layout (4x32x32, 1000 classes, sd-vae-ft-ema) unless --data-path names a prepared dataset.
+Pixels: sit.decode_latents, i.e. clamp to [-1, 1], (x + 1) * 127.5 and ROUND to nearest (DiT's conversion;
+REPA's generate.py truncates instead, which makes images ~0.5 grey level darker on average).
+Reruns with the same settings resume: indices whose PNG exists are skipped (PNGs are written atomically).
+The output depends on (checkpoint, settings, --seed, --batch-size), not on the number of processes.
+"""
+import argparse
+import os
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import sit
+
+# released ImageNet checkpoints (REPA, HASTE, SiT) carry no dataset.json: the layout they were trained on
+IMAGENET = dict(resolution=256, autoencoder='stabilityai/sd-vae-ft-ema', latent_scale=0.18215, latent_channels=4,
+                latent_size=32, num_classes=1000)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--ckpt', required=True, help='a checkpoint of this repo (or a run folder: its newest), '
+                                                 'or a released state dict')
+    p.add_argument('--weights', default='ema', choices=['ema', 'model'], help='which weights of a training checkpoint')
+    p.add_argument('--model', help='SiT-XL/2, ...: required for released state dicts (ours store it)')
+    p.add_argument('--data-path', help="prepared dataset whose dataset.json gives the latent layout (fallback)")
+    p.add_argument('--sit-convention', action='store_true', help='weights trained in the original SiT time direction')
+    p.add_argument('--vae', help='local SD-VAE weights (file or folder) instead of the hub name in dataset.json')
+    p.add_argument('--num-samples', type=int, default=50_000)
+    p.add_argument('--batch-size', type=int, default=64, help='per process; part of the SDE noise seed')
+    p.add_argument('--mode', default='sde', choices=['sde', 'ode'])
+    p.add_argument('--num-steps', type=int, help='default 250 (sde) / 50 (ode)')
+    p.add_argument('--heun', action='store_true', help='Heun steps for --mode ode')
+    p.add_argument('--cfg-scale', type=float, default=1.0)
+    p.add_argument('--guidance-low', type=float, default=0.0, help='CFG only while low <= t <= high (t=1 noise)')
+    p.add_argument('--guidance-high', type=float, default=1.0)
+    p.add_argument('--class-balanced', action='store_true', help='exactly N/num_classes per class (shuffled)')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--sample-dir', help='default: RUN/samples for RUN/checkpoints/X.pt, else samples/ beside --ckpt')
+    p.add_argument('--grid', type=int, default=0, metavar='N', help='write a preview grid of N samples per class')
+    p.add_argument('--classes', help='comma-separated class ids for --grid (default: the first min(10, K))')
+    p.add_argument('--log-every', type=int, default=10, help='progress line every N batches')
+    p.add_argument('--compile', action='store_true', help='torch.compile the model (CUDA)')
+    args = p.parse_args(argv)
+    if os.path.isdir(args.ckpt):
+        args.ckpt = sit.latest_checkpoint(args.ckpt) or sit.fail(f"no checkpoints in '{args.ckpt}/checkpoints'")
+    if args.heun and args.mode != 'ode':
+        sit.fail('--heun needs --mode ode (the SDE sampler is Euler-Maruyama only)')
+    if args.num_steps is None:
+        args.num_steps = 250 if args.mode == 'sde' else 50
+    if args.num_samples < 1 or args.batch_size < 1 or args.seed < 0:
+        sit.fail('--num-samples and --batch-size must be positive and --seed non-negative')
+    return args
+
+
+# -----------------------------------------------------------------------------
+# Model loading: our training checkpoints, or released state dicts
+
+
+def load_model(args):
+    """-> (model on CPU in eval mode, dataset meta, weights tag, description). Works for every method: the
+    model class comes from the checkpoint's config and model_args; sampling then goes through sit's samplers."""
+    ckpt = sit.load_checkpoint(args.ckpt)
+    if isinstance(ckpt, dict) and 'config' in ckpt and 'model_args' in ckpt:  # ours (train_*.py)
+        cfg, name, model_args = ckpt['config'], ckpt['config']['model'], dict(ckpt['model_args'])
+        if args.model and args.model != name:
+            sit.fail(f"'{args.ckpt}' holds a {name} model, not {args.model}; drop --model")
+        if not isinstance(ckpt.get(args.weights), dict):
+            sit.fail(f"'{args.ckpt}' has no '{args.weights}' weights (keys: {sorted(ckpt)})")
+        sd, tag = ckpt[args.weights], args.weights
+        # the training data's dataset.json gives the latent layout and decoder; --data-path if it moved
+        data = next((d for d in (cfg.get('data_path'), args.data_path)
+                     if d and os.path.isfile(os.path.join(d, 'dataset.json'))), None)
+        if data is None:
+            sit.fail(f"the checkpoint's dataset '{cfg.get('data_path')}' has no dataset.json here and --data-path "
+                     f"is {'not given' if not args.data_path else repr(args.data_path) + ' (no dataset.json)'}; "
+                     f"pass --data-path to a prepared dataset with the same latents")
+        meta, what = sit.read_dataset_meta(data), f"{cfg.get('method', '?')} {name} ({args.weights} weights)"
+    else:  # a released state dict: REPA / HASTE (raw or {'ema': ...}) or the original SiT's SiT-XL-2-256.pt
+        if isinstance(ckpt, dict) and isinstance(ckpt.get(args.weights), dict):
+            sd, tag = ckpt[args.weights], args.weights
+        elif isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
+            sd, tag = ckpt, 'raw'
+        else:
+            keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+            sit.fail(f"'{args.ckpt}' is neither a checkpoint of this repo nor a state dict (found {keys})")
+        if not args.model:
+            sit.fail(f"'{args.ckpt}' is a bare state dict (no config inside); pass --model, e.g. --model SiT-XL/2")
+        name, meta = args.model, sit.read_dataset_meta(args.data_path) if args.data_path else dict(IMAGENET)
+        sd = {k: v for k, v in sd.items() if not k.startswith('projectors.')}  # REPA's projector only trains
+        p, c, k = int(name.split('/')[1]), meta['latent_channels'], meta['num_classes']
+        w, table = sd.get('final_layer.linear.weight'), sd.get('y_embedder.embedding_table.weight')
+        model_args = dict(input_size=meta['latent_size'], in_channels=c, num_classes=k,
+                          # SiT / DiT predict (v, sigma): 2C output channels of which the first C are v
+                          learn_sigma=w is not None and w.shape[0] == 2 * p * p * c,
+                          # a table without the null row means no label dropout: CFG is impossible
+                          class_dropout_prob=0.0 if table is not None and table.shape[0] == k else 0.1)
+        what = f'{name} state dict ({tag})'
+    model = sit.build_model(name, **model_args)
+    sd = {k.removeprefix('module.').removeprefix('_orig_mod.'): v for k, v in sd.items()}  # DDP / compile wrappers
+    sit.load_weights(model, sd, f"'{args.ckpt}' does not fit {what} built for {model_args} (check --model, "
+                                f"--data-path, --ckpt)")
+    sit.check_data_model(meta, model)
+    if args.cfg_scale != 1.0 and model.y_embedder.embedding_table.num_embeddings == model.num_classes:
+        sit.fail(f'{what} was trained without label dropout (no null class): CFG is impossible, use --cfg-scale 1')
+    if args.sit_convention:  # t -> 1 - t, v -> -v around the network, so our samplers apply unchanged
+        model = sit.flip_time(model)
+    return model.eval().requires_grad_(False), meta, tag, what
+
+
+# -----------------------------------------------------------------------------
+# Seeds, noise and labels
+
+
+def draw_inputs(indices, seed, shape, num_classes):
+    """Initial noise (n, *shape) and a uniform label per GLOBAL sample index, each from its own generator keyed by
+    (seed, index): a sample does not depend on the world size, the batch size or on what was generated before
+    (resume). numpy's SeedSequence mixes the key into PCG64's 128-bit state; torch's CPU generator would keep only
+    the low 32 bits of a 64-bit seed, so (seed << 32) | index would repeat the noise of seed 0 for every seed."""
+    noise, labels = [], []
+    for i in indices:
+        rng = np.random.default_rng([seed, i])
+        labels.append(int(rng.integers(num_classes)))  # drawn first, also when --class-balanced, so noise is shared
+        noise.append(rng.standard_normal(shape, dtype=np.float32))
+    return torch.from_numpy(np.stack(noise)), torch.tensor(labels)  # (n, C, h, w), (n,)
+
+
+def balanced_labels(n, num_classes, seed):
+    """--class-balanced: label of global index i is i % K, shuffled by a permutation fixed by (seed, n)."""
+    return torch.from_numpy(np.arange(n) % num_classes)[np.random.default_rng([seed, n]).permutation(n)]  # (n,)
+
+
+def seed_batch(seed, start):
+    """The SDE's own noise is drawn inside sit.euler_maruyama_sampler from the global RNG, batch-wise, so it is
+    seeded per batch from (seed, index of the batch's first sample): batches are fixed ranges of global indices
+    (start = k * batch_size), hence the result is independent of the world size and of resume."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, start, 1]).generate_state(1)[0]))
+
+
+def run_sampler(net, z, y, args):
+    kw = dict(num_steps=args.num_steps, cfg_scale=args.cfg_scale, guidance_low=args.guidance_low,
+              guidance_high=args.guidance_high)
+    # bf16 for the network only (the samplers keep the state in fp32); a no-op on CPU
+    with torch.autocast('cuda', dtype=torch.bfloat16, enabled=z.is_cuda):
+        if args.mode == 'sde':
+            return sit.euler_maruyama_sampler(net, z, y, **kw)  # (n, C, h, w)
+        return sit.euler_sampler(net, z, y, heun=args.heun, **kw)
+
+
+def save_png(img, path):
+    """uint8 (3, H, W) -> PNG via tmp + rename: a file that exists is complete (what resume relies on)."""
+    from PIL import Image
+    tmp = f'{path}.{os.getpid()}.tmp'
+    Image.fromarray(img.permute(1, 2, 0).numpy()).save(tmp, format='PNG')
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = sit.setup_distributed()
+    cuda = device.type == 'cuda'
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    # the evaluation protocol's per-rank seed (REPA); the samples themselves come from the keyed generators below
+    torch.manual_seed(args.seed * world + rank)
+    model, meta, tag, what = load_model(args)
+    model.to(device)
+    net = torch.compile(model) if args.compile else model
+    vae = sit.load_autoencoder(meta, device, path=args.vae)  # None for the toy set's identity "autoencoder"
+    shape = (meta['latent_channels'], meta['latent_size'], meta['latent_size'])
+    K = meta['num_classes']
+
+    ckpt_dir = os.path.dirname(os.path.abspath(args.ckpt))
+    run_dir = os.path.dirname(ckpt_dir) if os.path.basename(ckpt_dir) == 'checkpoints' else ckpt_dir
+    sample_dir = args.sample_dir or os.path.join(run_dir, 'samples')
+    mode = 'heun' if args.heun else args.mode
+    name = (f"{os.path.splitext(os.path.basename(args.ckpt))[0]}-{tag}-{mode}{args.num_steps}-cfg{args.cfg_scale}-"
+            f"g{args.guidance_low}-{args.guidance_high}-seed{args.seed}" +
+            (f'-balanced{args.num_samples}' if args.class_balanced else '') + ('-sitconv' if args.sit_convention else ''))
+    log = print if rank == 0 else (lambda *a, **k: None)
+    log(f"{what}: {sum(p.numel() for p in model.parameters()):,} parameters; latents {shape}, {K} classes, "
+        f"{world} process(es) on {device.type}")
+
+    # -------------------------------------------------------------------------
+    # --grid N: N samples per class, one column per class, on rank 0
+    if args.grid:
+        ids = args.classes.split(',') if args.classes else [str(c) for c in range(min(K, 10))]
+        classes = [int(c) for c in ids if c.strip().isdigit()]
+        if len(classes) != len(ids) or not all(c < K for c in classes):
+            sit.fail(f'--classes must be ids in 0..{K - 1}, got {args.classes}')
+        if rank == 0:
+            n = args.grid * len(classes)
+            z, _ = draw_inputs(range(n), args.seed, shape, K)                   # (n, C, h, w)
+            y = torch.tensor(classes).repeat(args.grid)                         # image i -> column i % len(classes)
+            seed_batch(args.seed, 0)
+            images = sit.decode_latents(run_sampler(net, z.to(device), y.to(device), args), meta, vae)
+            os.makedirs(sample_dir, exist_ok=True)
+            path = os.path.join(sample_dir, f"{name}-grid{args.grid}-classes{'_'.join(map(str, classes))}.png")
+            sit.save_grid(images, path, len(classes))
+            names = meta.get('class_names') or [str(c) for c in range(K)]
+            print(f'grid -> {path}\ncolumns: ' + ', '.join(f'{c} ({names[c]})' for c in classes))
+        if world > 1:
+            dist.destroy_process_group()
+        return
+
+    # -------------------------------------------------------------------------
+    # Evaluation run: batches are fixed ranges of global indices [s, s + B), handed out round-robin
+    folder = os.path.join(sample_dir, name)
+    N, B = args.num_samples, args.batch_size
+    png = lambda i: os.path.join(folder, f'{i:06d}.png')
+    balanced = balanced_labels(N, K, args.seed) if args.class_balanced else None
+    pending = [None]
+    if rank == 0:  # one rank lists, all follow: ranks looking at the folder at different times could disagree
+        os.makedirs(folder, exist_ok=True)
+        pending = [[s for s in range(0, N, B) if not all(os.path.exists(png(i)) for i in range(s, min(s + B, N)))]]
+    if world > 1:
+        dist.broadcast_object_list(pending, src=0)
+    pending = pending[0]
+    log(f"{folder}: {len(pending)} of {-(-N // B)} batches of <= {B} samples to generate")
+    mine = pending[rank::world]
+    t0 = time.time()
+    for b, s in enumerate(mine):
+        idx = range(s, min(s + B, N))                                           # the last batch is trimmed
+        z, y = draw_inputs(idx, args.seed, shape, K)                            # (n, C, h, w), (n,)
+        if balanced is not None:
+            y = balanced[s:idx.stop]
+        seed_batch(args.seed, s)
+        x = run_sampler(net, z.to(device), y.to(device), args)                  # (n, C, h, w)
+        for i, img in zip(idx, sit.decode_latents(x, meta, vae)):              # img: uint8 (3, H, W)
+            if not os.path.exists(png(i)):  # a partly done batch is regenerated whole; keep what is on disk
+                save_png(img, png(i))
+        if (b + 1) % args.log_every == 0 or b + 1 == len(mine):
+            dt = time.time() - t0
+            log(f'batch {b + 1}/{len(mine)} (rank 0) | {(b + 1) * B * world / dt:.1f} img/s (all ranks) | '
+                f'eta {sit.format_time(dt / (b + 1) * (len(mine) - b - 1))}')
+
+    # -------------------------------------------------------------------------
+    # All PNGs -> one .npz beside the folder (ADM evaluator format: arr_0, uint8 (N, H, W, 3))
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        from PIL import Image
+        missing = [i for i in range(N) if not os.path.exists(png(i))]
+        if missing:
+            sit.fail(f'{len(missing)} samples are missing (e.g. {png(missing[0])}); rerun the same command to finish')
+        w, h = Image.open(png(0)).size
+        arr = np.empty((N, h, w, 3), dtype=np.uint8)                            # filled in place: no second copy
+        for i in range(N):
+            arr[i] = np.asarray(Image.open(png(i)).convert('RGB'))
+        npz = folder + '.npz'
+        with open(npz + '.tmp', 'wb') as f:
+            np.savez(f, arr_0=arr)
+        os.replace(npz + '.tmp', npz)
+        log(f'{npz}: arr_0 {arr.dtype} {arr.shape}')
+    if world > 1:  # no barrier: the other ranks need not wait (and time out) while rank 0 writes the .npz
+        dist.destroy_process_group()
+    return folder
+
+
+if __name__ == '__main__':
+    main()

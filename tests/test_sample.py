@@ -1,0 +1,221 @@
+"""sample.py on tiny toy checkpoints: the npz format, world-size independence, resume, every checkpoint layout
+(ours, our REPA, REPA/HASTE releases, the SiT convention), the preview grid and the one-line errors."""
+import argparse
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import prepare
+import sample
+import sit
+import train_vanilla
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ['--num-steps', '4', '--batch-size', '3']
+
+
+@pytest.fixture(scope='module')
+def env(tmp_path_factory):
+    """Toy data (40 images, 16 px) and a SiT-T/8 vanilla checkpoint. Two training steps leave the adaLN-Zero
+    layers near zero (velocity ~ 0 whatever t and y), so the EMA weights are perturbed to make every test bite."""
+    # one thread: as fast as two for these tiny models, far faster on a loaded machine, and the same reduction
+    # order as the OMP_NUM_THREADS=1 subprocesses (so their samples can be compared bitwise)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp('sample')
+    toy = str(tmp / 'toy')
+    prepare.prepare_toy(toy, per_class=4, resolution=16)
+    train_vanilla.main(['--data-path', toy, '--out', str(tmp / 'run'), '--model', 'SiT-T/8', '--max-steps', '2',
+                        '--sample-every', '0', '--num-workers', '0', '--global-batch', '8', '--ckpt-every', '1000'])
+    path = str(tmp / 'run' / 'checkpoints' / '0000002.pt')
+    ckpt = torch.load(path, weights_only=True)
+    g = torch.Generator().manual_seed(0)
+    for k, v in ckpt['ema'].items():
+        if k != 'pos_embed':
+            v.add_(0.1 * torch.randn(v.shape, generator=g))
+    sit.save_checkpoint(path, ckpt)
+    yield dict(tmp=tmp, toy=toy, ckpt=path)
+    torch.set_num_threads(threads)
+
+
+def run(ckpt, out, *extra):
+    return sample.main(['--ckpt', str(ckpt), '--sample-dir', str(out), *FAST, *extra])
+
+
+def npz(folder):
+    with np.load(folder + '.npz') as f:
+        return f['arr_0']
+
+
+@pytest.fixture(scope='module')
+def reference(env):
+    """Our vanilla checkpoint sampled in this process: 5 samples, ODE with CFG (labels matter)."""
+    return npz(run(env['ckpt'], env['tmp'] / 'ref', '--num-samples', '5', '--mode', 'ode', '--cfg-scale', '2'))
+
+
+def test_npz_two_processes_equal_one(env):
+    """7 samples (not divisible by 2 ranks x batch 2): exact count, ADM format, same images as one process."""
+    flags = ['--ckpt', env['ckpt'], '--num-samples', '7', '--batch-size', '2', '--num-steps', '4',
+             '--mode', 'sde', '--cfg-scale', '1.8', '--guidance-high', '0.7']
+    two, one = env['tmp'] / 'two', env['tmp'] / 'one'
+    subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29731',
+                    'sample.py', *flags, '--sample-dir', str(two)], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'),
+                   check=True, capture_output=True)
+    sample.main(flags + ['--sample-dir', str(one)])  # in this process, also one thread (see env)
+    name = '0000002-ema-sde4-cfg1.8-g0.0-0.7-seed0'
+    assert sorted(os.listdir(two / name)) == [f'{i:06d}.png' for i in range(7)]
+    a, b = npz(str(two / name)), npz(str(one / name))
+    assert a.dtype == np.uint8 and a.shape == (7, 16, 16, 3)
+    assert np.array_equal(a, b)
+    assert len({x.tobytes() for x in a}) == 7  # distinct noise per index
+
+
+def test_resume_regenerates_only_missing(env):
+    folder = run(env['ckpt'], env['tmp'] / 'resume', '--num-samples', '7', '--mode', 'sde')
+    before = npz(folder)
+    stat = lambda i: os.stat(os.path.join(folder, f'{i:06d}.png'))
+    # 1 and 5 sit in batches [0, 3) and [3, 6): their neighbours are resampled but must not be rewritten
+    kept = {i: (stat(i).st_ino, stat(i).st_mtime_ns) for i in (0, 2, 3, 4, 6)}
+    for i in (1, 5):
+        os.remove(os.path.join(folder, f'{i:06d}.png'))
+    run(env['ckpt'], env['tmp'] / 'resume', '--num-samples', '7', '--mode', 'sde')
+    assert {i: (stat(i).st_ino, stat(i).st_mtime_ns) for i in kept} == kept
+    assert np.array_equal(npz(folder), before)
+    assert not [f for f in os.listdir(folder) if not f.endswith('.png')]  # no tmp files left behind
+
+
+def test_class_balanced_labels(env):
+    """--class-balanced: 20 samples of 10 classes, 2 per class; the same noise as uniform labels."""
+    y = sample.balanced_labels(20, 10, seed=0)
+    assert torch.bincount(y).tolist() == [2] * 10 and not torch.equal(y, torch.arange(20) % 10)
+    assert torch.equal(y, sample.balanced_labels(20, 10, seed=0))
+    z1, y1 = sample.draw_inputs(range(4), 0, (3, 16, 16), 10)
+    z2, y2 = sample.draw_inputs(range(2, 4), 0, (3, 16, 16), 10)
+    assert torch.equal(z1[2:], z2) and torch.equal(y1[2:], y2)  # keyed by global index
+    run(env['ckpt'], env['tmp'] / 'bal', '--num-samples', '4', '--mode', 'ode', '--class-balanced')
+
+
+def test_our_repa_checkpoint_samples(env, reference):
+    """method 'repa' with projectors in model_args and state dict: loads strictly, samples as its trunk."""
+    ckpt = torch.load(env['ckpt'], weights_only=True)
+    args = dict(ckpt['model_args'], z_dims=[32], projector_dim=16, encoder_depth=2)
+    model = sit.build_model('SiT-T/8', **args)
+    assert model.load_state_dict(ckpt['ema'], strict=False).missing_keys  # only the projector is new
+    repa = dict(ckpt, ema=model.state_dict(), model=model.state_dict(), model_args=args,
+                config=dict(ckpt['config'], method='repa'))
+    path = env['tmp'] / 'repa.pt'
+    torch.save(repa, path)
+    out = run(path, env['tmp'] / 'repa', '--num-samples', '5', '--mode', 'ode', '--cfg-scale', '2')
+    assert np.array_equal(npz(out), reference)
+
+
+@pytest.mark.parametrize('layout', ['raw', 'ema'])
+def test_released_state_dict(env, reference, layout):
+    """REPA / HASTE layout: raw state dict or {'ema': sd, 'args': Namespace}, with projector keys (dropped)."""
+    ckpt = torch.load(env['ckpt'], weights_only=True)
+    model = sit.SiT(input_size=16, patch_size=8, in_channels=3, hidden_size=128, depth=6, num_heads=4,
+                    num_classes=10, z_dims=[32], projector_dim=16, encoder_depth=2)
+    model.load_state_dict(ckpt['ema'], strict=False)
+    sd = model.state_dict()
+    obj = sd if layout == 'raw' else {'ema': sd, 'opt': {}, 'args': argparse.Namespace(model='SiT-T/8'), 'steps': 2}
+    path = env['tmp'] / f'released-{layout}.pt'
+    torch.save(obj, path)
+    out = run(path, env['tmp'] / f'rel-{layout}', '--model', 'SiT-T/8', '--data-path', env['toy'],
+              '--num-samples', '5', '--mode', 'ode', '--cfg-scale', '2')
+    assert os.path.basename(out).startswith(f'released-{layout}-{layout}-ode4')
+    assert np.array_equal(npz(out), reference)
+
+
+class SiTConvention(sit.SiT):
+    """A network trained in the original SiT direction: v_sit(x, t) = -v_ours(x, 1 - t)."""
+
+    def forward(self, x, t, y, **kw):
+        v, aux = super().forward(x, 1 - t, y, **kw)
+        return -v, aux
+
+
+@pytest.mark.parametrize('mode', ['ode', 'sde'])
+def test_sit_convention_flag(env, monkeypatch, mode):
+    flags = ['--ckpt', env['ckpt'], '--mode', mode, '--num-steps', '4', '--cfg-scale', '2', '--guidance-high', '0.7']
+    ours = sample.load_model(sample.parse_args(flags))[0]
+    monkeypatch.setitem(sit.SiT_models, 'SiT-T/8', lambda **kw: SiTConvention(
+        depth=6, hidden_size=128, num_heads=4, patch_size=8, **kw))
+    args = sample.parse_args(flags + ['--sit-convention'])
+    flipped = sample.load_model(args)[0]
+    unflipped = sample.load_model(sample.parse_args(flags))[0]
+    z, y = sample.draw_inputs(range(6), 0, (3, 16, 16), 10)
+
+    def draw(model):
+        sample.seed_batch(0, 0)
+        return sample.run_sampler(model, z, y, args)
+    a, b = draw(ours), draw(flipped)
+    assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+    assert (draw(unflipped) - a).abs().max() > 0.1  # without the flag the same weights sample something else
+
+
+def test_learn_sigma_state_dict_with_sit_convention(env):
+    """The SiT release layout: 2C output channels (learn_sigma) detected from the final layer, then flipped."""
+    model = sit.SiT(input_size=16, patch_size=8, in_channels=3, hidden_size=128, depth=6, num_heads=4,
+                    num_classes=10, learn_sigma=True)
+    path = env['tmp'] / 'SiT-T-8-16.pt'
+    torch.save(model.state_dict(), path)
+    out = run(path, env['tmp'] / 'sitconv', '--model', 'SiT-T/8', '--data-path', env['toy'], '--sit-convention',
+              '--num-samples', '2', '--mode', 'ode', '--num-steps', '2')
+    assert out.endswith('-sitconv') and npz(out).shape == (2, 16, 16, 3)
+
+
+def test_grid(env, capsys):
+    folder = env['tmp'] / 'grid'
+    run(env['ckpt'], folder, '--grid', '2', '--classes', '1,3', '--mode', 'ode', '--cfg-scale', '3')
+    [name] = os.listdir(folder)
+    assert name.endswith('-grid2-classes1_3.png')
+    from PIL import Image
+    assert Image.open(folder / name).size == (2 * 18 + 2, 2 * 18 + 2)  # 2 columns (classes) x 2 rows, 2 px gaps
+    assert '1 (green square), 3 (yellow cross)' in capsys.readouterr().out
+
+
+def error(argv):
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv)
+    msg = str(e.value.code)
+    assert msg.startswith('error: ') and '\n' not in msg
+    return msg
+
+
+def test_one_line_errors(env, tmp_path):
+    toy, ckpt = env['toy'], env['ckpt']
+    assert 'does not exist' in error(['--ckpt', str(tmp_path / 'nope.pt')])
+    (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint')
+    assert 'cannot read checkpoint' in error(['--ckpt', str(tmp_path / 'junk.pt')])
+    torch.save({'foo': 1}, tmp_path / 'other.pt')
+    assert 'neither' in error(['--ckpt', str(tmp_path / 'other.pt')])
+    sd = torch.load(ckpt, weights_only=True)['ema']
+    torch.save(sd, tmp_path / 'sd.pt')
+    assert '--model' in error(['--ckpt', str(tmp_path / 'sd.pt')])
+    # wrong model size: shapes; ImageNet layout by default: 4 latent channels and 1000 classes do not fit
+    msg = error(['--ckpt', str(tmp_path / 'sd.pt'), '--model', 'SiT-T/4', '--data-path', toy])
+    assert 'wrong shape' in msg and 'x_embedder.proj.weight' in msg
+    assert 'pos_embed (1, 4, 128)!=(1, 16, 128)' in error(['--ckpt', str(tmp_path / 'sd.pt'), '--model', 'SiT-T/8'])
+    bad = {k.replace('blocks.5.', 'block.5.'): v for k, v in sd.items()}
+    torch.save(bad, tmp_path / 'bad.pt')
+    msg = error(['--ckpt', str(tmp_path / 'bad.pt'), '--model', 'SiT-T/8', '--data-path', toy])
+    assert 'missing' in msg and "'blocks.5." in msg and "unexpected (e.g. ['block.5." in msg
+    # our checkpoint whose dataset moved: clear error, then --data-path fixes it
+    moved = torch.load(ckpt, weights_only=True)
+    moved['config']['data_path'] = str(tmp_path / 'gone')
+    torch.save(moved, tmp_path / 'moved.pt')
+    assert 'pass --data-path' in error(['--ckpt', str(tmp_path / 'moved.pt')])
+    assert 'holds a SiT-T/8' in error(['--ckpt', ckpt, '--model', 'SiT-B/8'])
+    assert '--heun needs --mode ode' in error(['--ckpt', ckpt, '--heun'])
+    out = run(tmp_path / 'moved.pt', tmp_path / 'out', '--data-path', toy, '--num-samples', '1', '--mode', 'ode')
+    assert npz(out).shape == (1, 16, 16, 3)
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        sample.main(['--help'])
+    assert e.value.code == 0 and '--cfg-scale' in capsys.readouterr().out
