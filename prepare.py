@@ -7,13 +7,42 @@ The toy set has 10 classes, each one shape in one colour (red circle, green squa
 at a random position, size and rotation on a dark background; deterministic from --seed. Its autoencoder is
 `identity`: the latents are the pixels scaled to [-1, 1] (std 0, scale 1), so training runs unchanged on
 3x32x32 "latents".
+
+  torchrun --nproc_per_node=8 prepare.py imagenet --src IMAGENET/train --out data/imagenet256
+  python prepare.py imagenet --src IMAGENET/train --out data/in100 --classes 100 --limit 300   # a quick subset
+  python prepare.py repa --src REPA_DATA_DIR --out data/imagenet256   # convert REPA's images/ + vae-sd/ folders
+
+`imagenet` reads any ImageFolder: one sub-folder per class (sorted names -> labels 0..K-1, names kept as
+class_names), image files (.jpeg/.jpg/.png/...; other files are ignored) sorted by name within a class. Each image
+gets the ADM center crop (sit.center_crop_arr; grayscale, CMYK, RGBA, palette images are converted to RGB) and is
+stored as uint8 (N, 3, 256, 256) together with its SD-VAE encoder moments cat[mean, std] (N, 8, 32, 32) float32.
+--vae names the encoder weights (hub id or local file/dir); --autoencoder the decoder recorded in dataset.json
+(sd-vae-ft-ema and -ft-mse share the encoder). --classes K | syn1,syn2,... and --limit N (per class) make subsets;
+--resolution (multiple of 8) other sizes. Full ImageNet train: ~252 GB of images.npy + 42 GB of moments.npy.
+`repa` copies REPA's already-encoded folder (its moments are cat[mean, std] too) in one process, not resumable.
+
+Unreadable files: before anything is allocated, every file is read once by PIL (JPEGs in draft mode: every byte is
+entropy-decoded, so truncated files fail, at ~half the cost of a full decode), spread over ranks and workers. A file
+that fails stops the run with one line naming it; with --skip-bad each one gets one line, is listed in
+OUT/bad_files.txt and is left out of the index (count excludes it). Checking first keeps the index fixed from the
+start, which is what lets the ranks write in place and a restart resume.
+
+Sharding and resume: the index is cut into chunks of --chunk-size images, dealt out over ranks. After a chunk is
+flushed to images.npy / moments.npy, its rank records it in OUT/progress_rank{r}.json; a restarted run (any number
+of ranks, same arguments) skips every recorded chunk. OUT/prepare_state.json pins the file list and settings.
+dataset.json is written last, by rank 0, once every chunk is recorded: until then the reader refuses the folder.
 """
 import argparse
+import glob
+import hashlib
 import json
 import math
 import os
+import time
 
 import numpy as np
+import torch
+import torch.distributed as dist
 
 import sit
 
@@ -125,6 +154,270 @@ def prepare_toy(out, per_class=500, resolution=32, seed=0):
 
 
 # -----------------------------------------------------------------------------
+# ImageNet (any ImageFolder) -> images + SD-VAE moments, sharded over ranks, resumable
+
+IMAGE_EXTS = ('.jpeg', '.jpg', '.png', '.bmp', '.webp', '.tif', '.tiff', '.ppm', '.pgm')
+SD_LATENT_SCALE = 0.18215
+
+
+def list_image_folder(src, classes=None, limit=None):
+    """The global order: sorted class folders (label = position), files sorted by name within a class.
+    classes: None (all), 'K' (the first K folders) or 'syn1,syn2,...'; limit: at most this many files per class."""
+    if not os.path.isdir(src):
+        sit.fail(f"--src '{src}' is not a folder (expected one sub-folder of images per class, like ImageNet's train/)")
+    names = sorted(e.name for e in os.scandir(src) if e.is_dir() and not e.name.startswith('.'))
+    if classes and classes.isdigit():
+        names = names[:int(classes)]
+    elif classes:
+        wanted = sorted(set(classes.split(',')))
+        missing = [c for c in wanted if c not in names]
+        if missing:
+            sit.fail(f"--classes: '{src}' has no folder {missing[0]!r} ({len(missing)} of {len(wanted)} not found)")
+        names = wanted
+    paths, labels = [], []
+    for y, name in enumerate(names):
+        files = sorted(e.name for e in os.scandir(os.path.join(src, name))
+                       if e.is_file() and e.name.lower().endswith(IMAGE_EXTS))[:limit]
+        paths += [os.path.join(src, name, f) for f in files]
+        labels += [y] * len(files)
+    if not paths:
+        sit.fail(f"no images found in class sub-folders of '{src}'")
+    return paths, labels, names
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Decodes in DataLoader workers: (uint8 (3, R, R) ADM crop, None) or, with resolution=None, a check only
+    (None, None); a file PIL cannot read gives (None, 'PATH (Error: message)') instead of an exception."""
+
+    def __init__(self, paths, resolution=None):
+        self.paths, self.resolution = paths, resolution
+
+    def __getitem__(self, i):
+        from PIL import Image
+        try:
+            with Image.open(self.paths[i]) as im:
+                if self.resolution is None:
+                    im.draft(None, (im.width // 8, im.height // 8))  # JPEG: 1/8-scale IDCT; a no-op otherwise
+                    im.load()
+                    return None, None
+                return sit.center_crop_arr(im, self.resolution).transpose(2, 0, 1), None  # (3, R, R) uint8
+        except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ValueError, ...
+            why = (str(e).replace(f" '{self.paths[i]}'", '').strip().splitlines() or [''])[0][:150]  # path said once
+            return None, (self.paths[i], f'{type(e).__name__}: {why}')
+
+
+def _collate(batch):
+    """Stack in the worker (one shared-memory tensor per batch); errors travel as (path, reason)."""
+    errors = [e for _, e in batch if e]
+    ok = [a for a, _ in batch if a is not None]
+    return (torch.from_numpy(np.stack(ok)) if ok and not errors else None), errors  # (B, 3, R, R) uint8
+
+
+def _loader(paths, resolution, batches, num_workers, pin=False):
+    return torch.utils.data.DataLoader(ImageFiles(paths, resolution), batch_sampler=batches, num_workers=num_workers,
+                                       collate_fn=_collate, pin_memory=pin)
+
+
+def _read_json(path):
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_json(path, obj):
+    with open(path + '.tmp', 'w') as f:
+        json.dump(obj, f)
+    os.replace(path + '.tmp', path)  # atomic: a kill mid-write keeps the previous record
+
+
+def _done_chunks(out):
+    return {c for f in glob.glob(os.path.join(out, 'progress_rank*.json')) for c in _read_json(f)}
+
+
+def prepare_imagenet(args):
+    rank, world, device = sit.setup_distributed()
+    barrier = dist.barrier if dist.is_initialized() else (lambda: None)
+
+    def fail_all(msg):  # every rank reaches the same verdict; one of them says it
+        if rank == 0:
+            sit.fail(msg)
+        raise SystemExit(1)
+
+    out, R, chunk = args.out, args.resolution, args.chunk_size
+    if os.path.isfile(os.path.join(out, 'dataset.json')):
+        if rank == 0:
+            print(f"'{out}' is already prepared (dataset.json exists); delete the folder to prepare it again")
+        return
+    if R % 8:
+        fail_all(f'--resolution must be a multiple of 8 (the VAE downsamples 8x), got {R}')
+    paths, labels, names = list_image_folder(args.src, args.classes, args.limit)
+    rel = [os.path.relpath(p, args.src) for p in paths]
+    # what a resumed run must agree on (batch size, workers and rank count may change)
+    key = {'files': hashlib.sha1('\n'.join(rel).encode()).hexdigest(), 'count': len(rel), 'resolution': R,
+           'chunk_size': chunk, 'vae': args.vae, 'skip_bad': args.skip_bad}
+    state_file = os.path.join(out, 'prepare_state.json')
+    state = _read_json(state_file)
+    barrier()  # everyone has read the state before rank 0 may write a new one
+    if state is not None and state['key'] != key:
+        changed = ', '.join(k for k in key if state['key'].get(k) != key[k])
+        fail_all(f"'{out}' holds an unfinished preparation with other files or settings ({changed}); "
+                 f"re-run the same command, or delete the folder to start over")
+    if state is None:
+        t0 = time.time()
+        mine = list(range(rank, len(paths), world))
+        batches = [mine[i:i + 64] for i in range(0, len(mine), 64)]
+        bad = [e for _, errors in _loader(paths, None, batches, args.num_workers) for e in errors]
+        if dist.is_initialized():
+            gathered = [None] * world
+            dist.all_gather_object(gathered, bad)
+            bad = [e for g in gathered for e in g]
+        bad.sort()
+        if bad and not args.skip_bad:
+            more = f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''
+            fail_all(f'cannot read image {bad[0][0]} ({bad[0][1]}){more}; fix or remove it, '
+                     f'or pass --skip-bad to leave it out')
+        if len(bad) == len(paths):
+            fail_all(f'none of the {len(paths)} files could be read, e.g. {bad[0][0]} ({bad[0][1]})')
+        bad_paths = {p for p, _ in bad}
+        bad_rel = [r for p, r in zip(paths, rel) if p in bad_paths]
+        if rank == 0:
+            print(f'checked {len(paths)} files in {sit.format_time(time.time() - t0)}: {len(bad)} unreadable')
+            for p, why in bad:
+                print(f'skipping unreadable image {p} ({why})')
+            os.makedirs(out, exist_ok=True)
+            for f in glob.glob(os.path.join(out, 'progress_rank*.json')):  # left by a run with other settings
+                os.remove(f)
+            if bad_rel:
+                with open(os.path.join(out, 'bad_files.txt'), 'w') as f:
+                    f.writelines(r + '\n' for r in bad_rel)
+            keep = [i for i, p in enumerate(paths) if p not in bad_paths]
+            # float32 moments: 32 KB per image next to 192 KB of pixels, and exactly what the encoder gave
+            arrays = open_arrays(out, len(keep), R, sit.VAE_LATENT_CHANNELS, R // 8, np.float32)
+            arrays['labels'][:] = np.asarray(labels)[keep]
+            for a in arrays.values():
+                a.flush()
+            del arrays
+            _write_json(state_file, {'key': key, 'bad': bad_rel})  # after the arrays: its presence means they exist
+        barrier()
+        state = _read_json(state_file)
+    skip = set(state['bad'])
+    keep = [p for p, r in zip(paths, rel) if r not in skip]
+    count = len(keep)
+    nchunks = math.ceil(count / chunk)
+    done = _done_chunks(out)
+    barrier()  # everyone derives the same to-do list before anyone records more chunks
+    todo = [c for c in range(nchunks) if c not in done]
+    my_chunks = todo[rank::world]
+    record_file = os.path.join(out, f'progress_rank{rank}.json')
+    record = set(_read_json(record_file) or [])  # keep what this rank number finished in an earlier run
+    todo_images = sum(min(chunk, count - c * chunk) for c in todo)
+    if rank == 0:
+        print(f'{count} images, {nchunks} chunks of {chunk}: {len(todo)} to do ({todo_images} images) on {world} '
+              f'rank(s), device {device}', flush=True)
+
+    vae = sit.load_vae(args.vae, device)
+    arrays = {k: np.load(os.path.join(out, f'{k}.npy'), mmap_mode='r+') for k in ('images', 'moments')}
+    batches = [list(range(s, min(s + args.batch_size, (c + 1) * chunk, count)))
+               for c in my_chunks for s in range(c * chunk, min((c + 1) * chunk, count), args.batch_size)]
+    loader = _loader(keep, R, batches, args.num_workers, pin=device.type == 'cuda')
+    t0, n = time.time(), 0
+    for idx, (x, errors) in zip(batches, loader):
+        if errors:  # it passed the check above, so the file changed since
+            sit.fail(f'cannot read image {errors[0][0]} ({errors[0][1]})')
+        lo, hi = idx[0], idx[-1] + 1
+        arrays['images'][lo:hi] = x.numpy()  # (B, 3, R, R) uint8
+        arrays['moments'][lo:hi] = sit.vae_encode_moments(vae, x, len(idx)).numpy()  # (B, 8, R/8, R/8) float32
+        n += len(idx)
+        if hi == min((lo // chunk + 1) * chunk, count):  # last batch of its chunk
+            for a in arrays.values():
+                a.flush()  # on disk before the chunk is recorded as done
+            record.add(lo // chunk)
+            _write_json(record_file, sorted(record))
+            if rank == 0:  # rank 0's pace times the rank count: the chunks are dealt out evenly
+                rate = n * world / (time.time() - t0)
+                print(f'~{min(n * world, todo_images)}/{todo_images} images  {rate:.1f} img/s  '
+                      f'ETA {sit.format_time(max(todo_images - n * world, 0) / rate)}', flush=True)
+    del arrays, loader
+    barrier()
+    if rank == 0:
+        missing = nchunks - len(_done_chunks(out))
+        if missing:
+            sit.fail(f'{missing} chunk(s) of {out} are not done; re-run the same command to finish them')
+        write_meta(out, resolution=R, autoencoder=args.autoencoder, latent_scale=SD_LATENT_SCALE,
+                   latent_channels=sit.VAE_LATENT_CHANNELS, latent_size=R // 8, num_classes=len(names), count=count,
+                   class_names=names, encoder=args.vae)
+        for f in glob.glob(os.path.join(out, 'progress_rank*.json')) + [state_file]:
+            os.remove(f)
+        print(f'wrote {count} images ({len(names)} classes, {R}px, {len(skip)} skipped) to {out}')
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# REPA's preprocessed folder (its preprocessing/dataset_tools.py convert + encode) -> the prepared format
+#   images/00000/img00000000.png             RGB PNG, already ADM center-cropped
+#   images/dataset.json                      {"labels": [["00000/img00000000.png", label], ...]}
+#   vae-sd/00000/img-mean-std-00000000.npy   float32 (8, h, w): cat[mean, std] of the SD-VAE encoder, as ours
+#   vae-sd/dataset.json                      {"labels": [["00000/img-mean-std-00000000.npy", label], ...]}
+
+
+class RepaItems(torch.utils.data.Dataset):
+    def __init__(self, src, pairs):
+        self.src, self.pairs = src, pairs
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        img, feat = self.pairs[i]
+        with Image.open(os.path.join(self.src, 'images', img)) as im:
+            x = np.ascontiguousarray(np.asarray(im.convert('RGB')).transpose(2, 0, 1))  # (3, R, R) uint8
+        m = np.load(os.path.join(self.src, 'vae-sd', feat)).astype(np.float32)  # (8, h, w)
+        return torch.from_numpy(x), torch.from_numpy(m)
+
+
+def prepare_repa(src, out, autoencoder='stabilityai/sd-vae-ft-ema', names_from=None, num_workers=8):
+    meta = {d: _read_json(os.path.join(src, d, 'dataset.json')) for d in ('images', 'vae-sd')}
+    if not all(m and m.get('labels') for m in meta.values()):
+        sit.fail(f"'{src}' is not a REPA data folder: expected images/dataset.json and vae-sd/dataset.json with labels "
+                 f"(made by REPA's preprocessing/dataset_tools.py convert and encode)")
+    # REPA pairs sorted image and sorted feature names by position; both names carry the same 8-digit index
+    image_labels = dict(meta['images']['labels'])
+    pairs, labels = [], []
+    for feat, y in sorted(meta['vae-sd']['labels']):
+        img = feat.replace('img-mean-std-', 'img').replace('.npy', '.png')
+        if image_labels.get(img) != y:
+            sit.fail(f"'{src}': vae-sd/{feat} (label {y}) has no images/{img} with the same label")
+        pairs.append((img, feat))
+        labels.append(y)
+    if len(pairs) != len(image_labels):
+        sit.fail(f"'{src}': {len(image_labels)} images but {len(pairs)} moments files; re-run REPA's encode step")
+    names = sorted(e.name for e in os.scandir(names_from) if e.is_dir()) if names_from else None
+    num_classes = len(names) if names else max(labels) + 1
+    if num_classes <= max(labels):
+        sit.fail(f"--class-names '{names_from}' has {num_classes} class folders but the labels go up to {max(labels)}")
+    items = RepaItems(src, pairs)
+    x, m = items[0]
+    R, (C2, h, _) = x.shape[-1], m.shape
+    arrays = open_arrays(out, len(pairs), R, C2 // 2, h, np.float32)
+    arrays['labels'][:] = labels
+    i = 0
+    for x, m in torch.utils.data.DataLoader(items, batch_size=256, num_workers=num_workers):
+        if (m[:, C2 // 2:] < 0).any():  # a std is never negative: this would be a logvar, which REPA does not store
+            sit.fail(f"'{src}/vae-sd' has negative values in the second half of the moments: not cat[mean, std]")
+        arrays['images'][i:i + len(x)] = x.numpy()  # (B, 3, R, R) uint8
+        arrays['moments'][i:i + len(x)] = m.numpy()  # (B, 8, h, w) float32
+        i += len(x)
+    for a in arrays.values():
+        a.flush()
+    write_meta(out, resolution=R, autoencoder=autoencoder, latent_scale=SD_LATENT_SCALE, latent_channels=C2 // 2,
+               latent_size=h, num_classes=num_classes, count=len(pairs), class_names=names)
+    print(f'converted {len(pairs)} images ({num_classes} classes, {R}px) from REPA folder {src} to {out}')
+
+
+# -----------------------------------------------------------------------------
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -134,9 +427,31 @@ def main(argv=None):
     t.add_argument('--per-class', type=int, default=500, help='images per class (10 classes)')
     t.add_argument('--resolution', type=int, default=32)
     t.add_argument('--seed', type=int, default=0)
+    i = sub.add_parser('imagenet', help='an ImageFolder (ImageNet train/) -> images + SD-VAE moments; torchrun-able')
+    i.add_argument('--src', required=True, help='folder with one sub-folder of images per class')
+    i.add_argument('--out', default='data/imagenet256')
+    i.add_argument('--vae', default='stabilityai/sd-vae-ft-ema', help='encoder weights: hub id or local file/dir')
+    i.add_argument('--autoencoder', default='stabilityai/sd-vae-ft-ema', help='decoder recorded in dataset.json')
+    i.add_argument('--resolution', type=int, default=256)
+    i.add_argument('--batch-size', type=int, default=32, help='images per VAE forward')
+    i.add_argument('--num-workers', type=int, default=8, help='JPEG decoding processes per rank')
+    i.add_argument('--chunk-size', type=int, default=1000, help='images per resumable unit of work')
+    i.add_argument('--limit', type=int, help='at most N images per class')
+    i.add_argument('--classes', help='K (the first K classes) or a comma list of class folder names')
+    i.add_argument('--skip-bad', action='store_true', help='leave unreadable files out (listed in bad_files.txt)')
+    r = sub.add_parser('repa', help="convert REPA's preprocessed folder (images/ + vae-sd/)")
+    r.add_argument('--src', required=True, help='the folder holding images/ and vae-sd/')
+    r.add_argument('--out', default='data/imagenet256')
+    r.add_argument('--autoencoder', default='stabilityai/sd-vae-ft-ema', help='decoder recorded in dataset.json')
+    r.add_argument('--class-names', help='ImageNet train/ folder: its sorted sub-folder names become class_names')
+    r.add_argument('--num-workers', type=int, default=8)
     args = p.parse_args(argv)
     if args.source == 'toy':
         prepare_toy(args.out, args.per_class, args.resolution, args.seed)
+    elif args.source == 'imagenet':
+        prepare_imagenet(args)
+    else:
+        prepare_repa(args.src, args.out, args.autoencoder, args.class_names, args.num_workers)
 
 
 if __name__ == '__main__':
