@@ -42,6 +42,7 @@ config = dict(
     ckpt_every=50_000,
     sample_every=10_000,           # preview grid from the EMA model (fixed noise and labels), and at the end; 0: never
     preview_cfg=4.0,               # guidance scale of the preview grid only
+    vae='',                        # decoder for previews: '' = the dataset's (hub download), or a local file/folder
     seed=0,
     num_workers=4,                 # data loader processes per rank
     compile=False,                 # torch.compile the model (CUDA)
@@ -53,7 +54,7 @@ presets = {  # --preset toy: the toy set on a laptop CPU in minutes
 }
 # keys that may change when resuming (everything else must match the checkpoint, or resume is not exact)
 RUN_KEYS = {'data_path', 'resume', 'max_steps', 'log_every', 'ckpt_every', 'sample_every', 'num_workers',
-            'compile', 'wandb'}
+            'compile', 'wandb', 'vae'}
 # >>> method: config
 config['method'] = 'vanilla'
 # <<< method
@@ -176,7 +177,7 @@ def main(argv=None):
     g = torch.Generator().manual_seed(cfg['seed'])
     preview_noise = torch.randn(4 * n_cols, model.in_channels, meta['latent_size'], meta['latent_size'], generator=g)
     preview_labels = torch.arange(4 * n_cols) % n_cols
-    vae = sit.load_autoencoder(meta, device) if rank == 0 else None
+    vae = sit.load_autoencoder(meta, device, cfg['vae'] or None) if rank == 0 and cfg['sample_every'] else None
 
     def preview(step):
         with torch.autocast('cuda', torch.bfloat16, enabled=cuda):

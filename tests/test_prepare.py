@@ -222,3 +222,15 @@ def test_repa_folder(tmp_path):
     np.save(src / 'vae-sd' / '00000' / 'img-mean-std-00000003.npy', -np.ones((8, 2, 2), np.float32))
     with pytest.raises(SystemExit, match='not cat\\[mean, std\\]'):
         prepare.main(['repa', '--src', str(src), '--out', str(tmp_path / 'out2'), '--num-workers', '0'])
+
+
+@pytest.mark.parametrize('script', ['train_vanilla', 'train_repa'])
+def test_trainers_read_it_and_preview_through_the_vae(prepared, vae_file, tmp_path, script):
+    """The prepared ImageNet-style folder trains as is; the preview grid decodes with the dataset's VAE."""
+    import importlib
+    train = importlib.import_module(script)
+    extra = ['--enc', 'dinov2-s', '--enc-ckpt', 'random', '--encoder-depth', '1'] if script == 'train_repa' else []
+    train.main(['--data-path', str(prepared), '--out', str(tmp_path / 'run'), '--model', 'SiT-T/2', '--vae', vae_file,
+                '--global-batch', '4', '--max-steps', '2', '--sample-every', '2', '--num-workers', '0', *extra])
+    with Image.open(tmp_path / 'run' / 'preview_0000002.png') as grid:
+        assert grid.size == (3 * (R + 2) + 2, 4 * (R + 2) + 2)   # 3 classes x 4 rows of R px decoded images
