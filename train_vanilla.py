@@ -136,7 +136,6 @@ def main(argv=None):
         sit.fail(f"the checkpoint's model was built for {ckpt['model_args']} but the data at "
                  f"'{cfg['data_path']}' gives {model_args}; pass the original --data-path")
     model = sit.build_model(cfg['model'], **model_args).to(device)
-    sit.check_data_model(meta, model)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg['lr'], betas=(0.9, 0.999),
                             eps=1e-8, weight_decay=0.0, fused=cuda)
