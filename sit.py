@@ -430,9 +430,9 @@ class Teacher(nn.Module):
         pe = self.vit.patch_embed
         if not (isinstance(self.grid, int) and self.grid > 0) or tuple(pe.patch_size) != (14, 14) \
                 or tuple(pe.grid_size) != (self.grid, self.grid):
-            raise SystemExit(f"teacher mismatch: expected 14 px patches on a {self.grid}x{self.grid} grid "
-                             f"({self.resolution} px), but the ViT has {tuple(pe.patch_size)} px patches on a "
-                             f"{tuple(pe.grid_size)} grid; build it with load_teacher(..., grid={self.grid})")
+            fail(f"teacher mismatch: expected 14 px patches on a {self.grid}x{self.grid} grid "
+                 f"({self.resolution} px), but the ViT has {tuple(pe.patch_size)} px patches on a "
+                 f"{tuple(pe.grid_size)} grid; build it with load_teacher(..., grid={self.grid})")
 
     @torch.no_grad()
     def forward(self, images, attn_blocks=()):
@@ -470,7 +470,7 @@ class Teacher(nn.Module):
 def load_teacher(name='dinov2-b', weights=None, grid=16, device='cpu'):
     """weights: None -> timm hub download, PATH -> local checkpoint, 'random' -> random init (mechanics only)."""
     if name not in DINOV2:
-        raise SystemExit(f"unknown teacher {name!r}; valid names: {', '.join(DINOV2)}")
+        fail(f"unknown teacher {name!r}; valid names: {', '.join(DINOV2)}")
     import timm
     arch = DINOV2[name]
     # 14 px of teacher input per SiT token: SiT-*/2 on 32x32 latents has a 16x16 grid -> 224 px, so the
@@ -483,7 +483,7 @@ def load_teacher(name='dinov2-b', weights=None, grid=16, device='cpu'):
         vit = timm.create_model(arch, pretrained=False, **kw)
     elif weights is not None:
         if not os.path.isfile(weights):
-            raise SystemExit(f"teacher weights not found: {weights}")
+            fail(f"teacher weights not found: {weights}")
         # timm converts both its own safetensors and the original facebookresearch .pth
         vit = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)), **kw)
     else:
@@ -491,18 +491,10 @@ def load_teacher(name='dinov2-b', weights=None, grid=16, device='cpu'):
             vit = timm.create_model(arch, pretrained=True, **kw)
         except Exception as e:  # offline, no huggingface_hub, proxy, ... all mean the same to the user
             why = (str(e).strip().splitlines() or [''])[0][:120].strip()
-            raise SystemExit(f"could not download teacher {arch} ({type(e).__name__}: {why}); run where huggingface.co "
-                             f"is reachable, or get model.safetensors elsewhere (`pip install huggingface_hub && hf "
-                             f"download timm/{arch}`) and pass --enc-ckpt PATH") from None
+            fail(f"could not download teacher {arch} ({type(e).__name__}: {why}); run where huggingface.co "
+                 f"is reachable, or get model.safetensors elsewhere (`pip install huggingface_hub && hf "
+                 f"download timm/{arch}`) and pass --enc-ckpt PATH")
     return Teacher(vit, grid).to(device).eval().requires_grad_(False)
-
-
-def check_teacher_grid(teacher, num_tokens):
-    # REPA aligns token i of SiT with patch i of the teacher, so the two grids must be the same
-    if teacher.grid ** 2 != num_tokens:
-        raise SystemExit(f"teacher has {teacher.grid ** 2} patch tokens ({teacher.grid}x{teacher.grid}) but SiT has "
-                         f"{num_tokens}; choose a patch size so SiT's grid is {teacher.grid}x{teacher.grid}, "
-                         f"or load the teacher with grid={int(num_tokens ** 0.5)}")
 
 
 # -----------------------------------------------------------------------------
@@ -661,24 +653,24 @@ def _resolve_vae_file(name):
     path = os.path.expanduser(name)
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, VAE_FILE)):
-            raise SystemExit(f"VAE: directory {path} has no {VAE_FILE}; pass the file itself with --vae PATH")
+            fail(f"VAE: directory {path} has no {VAE_FILE}; pass the file itself with --vae PATH")
         return os.path.join(path, VAE_FILE)
     if os.path.isfile(path):
         return path
     # a repo id is 'owner/name'; anything else that does not exist is a mistyped local path
     if path.endswith(('.safetensors', '.bin', '.pt', '.pth')) or name.count('/') != 1 or name.startswith(('.', '/', '~')):
-        raise SystemExit(f"VAE: no such file or directory: {path} (pass --vae PATH to an SD-VAE {VAE_FILE})")
+        fail(f"VAE: no such file or directory: {path} (pass --vae PATH to an SD-VAE {VAE_FILE})")
     fix = (f"download it where there is internet with `hf download {name} {VAE_FILE} --local-dir DIR` "
            f"and pass --vae DIR")
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:
-        raise SystemExit(f"VAE: huggingface_hub is not installed, cannot fetch '{name}': `pip install huggingface_hub`, or {fix}")
+        fail(f"VAE: huggingface_hub is not installed, cannot fetch '{name}': `pip install huggingface_hub`, or {fix}")
     try:
         return hf_hub_download(repo_id=name, filename=VAE_FILE)
     except Exception as e:  # offline, unknown repo, missing file, auth: all end the same way for the user
         msg = (str(e).strip().splitlines() or [''])[0][:160]
-        raise SystemExit(f"VAE: could not get {VAE_FILE} from Hugging Face repo '{name}' ({type(e).__name__}: {msg}); {fix}")
+        fail(f"VAE: could not get {VAE_FILE} from Hugging Face repo '{name}' ({type(e).__name__}: {msg}); {fix}")
 
 
 def load_vae(name_or_path='stabilityai/sd-vae-ft-ema', device='cpu'):
@@ -890,8 +882,11 @@ class Logger:
 
 
 def save_grid(images, path, nrow):
-    """uint8 (N, 3, H, W) -> one PNG grid with 2 px gaps."""
+    """uint8 (N, 3, H, W) -> one PNG grid with 2 px gaps; tiny images (the toy set) are enlarged (nearest) to
+    at least 64 px so the grid is readable."""
     from PIL import Image
+    scale = max(1, 64 // max(images.shape[-2:]))
+    images = images.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
     n, _, h, w = images.shape
     ncol = math.ceil(n / nrow)
     grid = np.zeros((ncol * (h + 2) + 2, nrow * (w + 2) + 2, 3), dtype=np.uint8)

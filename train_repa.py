@@ -52,8 +52,8 @@ config = dict(
     wandb=False,                   # also log to Weights & Biases (pip install wandb)
 )
 presets = {  # --preset toy: the toy set on a laptop CPU in minutes
-    'toy': dict(data_path='data/toy', out='runs/toy-{method}', model='SiT-T/4', global_batch=64, lr=1e-3,
-                ema_decay=0.995, max_steps=1000, log_every=50, ckpt_every=500, sample_every=500, num_workers=0),
+    'toy': dict(data_path='data/toy', out='runs/toy-{method}', model='SiT-T/2', global_batch=64, lr=2e-3,
+                ema_decay=0.99, max_steps=1000, log_every=50, ckpt_every=500, sample_every=500, num_workers=0),
 }
 # keys that may change when resuming (everything else must match the checkpoint, or resume is not exact)
 RUN_KEYS = {'data_path', 'resume', 'max_steps', 'log_every', 'ckpt_every', 'sample_every', 'num_workers',

@@ -233,4 +233,5 @@ def test_trainers_read_it_and_preview_through_the_vae(prepared, vae_file, tmp_pa
     train.main(['--data-path', str(prepared), '--out', str(tmp_path / 'run'), '--model', 'SiT-T/2', '--vae', vae_file,
                 '--global-batch', '4', '--max-steps', '2', '--sample-every', '2', '--num-workers', '0', *extra])
     with Image.open(tmp_path / 'run' / 'preview_0000002.png') as grid:
-        assert grid.size == (3 * (R + 2) + 2, 4 * (R + 2) + 2)   # 3 classes x 4 rows of R px decoded images
+        S = R * max(1, 64 // R)                                   # tiny images are enlarged in the grid
+        assert grid.size == (3 * (S + 2) + 2, 4 * (S + 2) + 2)   # 3 classes x 4 rows of R px decoded images

@@ -174,7 +174,8 @@ def test_grid(env, capsys):
     [name] = os.listdir(folder)
     assert name.endswith('-grid2-classes1_3.png')
     from PIL import Image
-    assert Image.open(folder / name).size == (2 * 18 + 2, 2 * 18 + 2)  # 2 columns (classes) x 2 rows, 2 px gaps
+    # 2 columns (classes) x 2 rows of 16 px images shown 4x (64 px), 2 px gaps
+    assert Image.open(folder / name).size == (2 * 66 + 2, 2 * 66 + 2)
     assert '1 (green square), 3 (yellow cross)' in capsys.readouterr().out
 
 
