@@ -68,8 +68,8 @@ config.update(
     proj_coeff=0.5,                # L = L_v + proj_coeff * L_proj
 )
 # toy: ViT-S/14 is the smallest DINOv2 and still costs several SiT-T steps per batch on a CPU; random weights,
-# since the toy set is a mechanics check (a random teacher cannot speed anything up)
-presets['toy'].update(enc='dinov2-s', enc_ckpt='random', encoder_depth=2)
+# since the toy set is a mechanics check (a random teacher cannot speed anything up); a projector sized to SiT-T
+presets['toy'].update(enc='dinov2-s', enc_ckpt='random', encoder_depth=2, projector_dim=256)
 RUN_KEYS.add('enc_ckpt')
 # <<< method
 
