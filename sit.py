@@ -388,6 +388,11 @@ def to_uint8(x):
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+def drop_labels(y, p, num_classes):
+    """Classifier-free guidance training: each label becomes the null class (id num_classes) with probability p."""
+    return torch.where(torch.rand(y.shape, device=y.device) < p, num_classes, y)
+
+
 def decode_latents(z, meta, vae=None):
     """Scaled latents (N, C, h, w) -> uint8 images (N, 3, R, R) on CPU."""
     x = z.float() / meta['latent_scale']

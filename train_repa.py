@@ -231,7 +231,7 @@ def main(argv=None):
         target = teacher(images)['patch']                                    # (N, T, 768), frozen, no grad
         # <<< method
         x = sit.sample_latents(moments, meta['latent_scale'])                # (N, C, h, w)
-        y = torch.where(torch.rand(y.shape, device=device) < cfg['label_dropout'], meta['num_classes'], y)
+        y = sit.drop_labels(y, cfg['label_dropout'], meta['num_classes'])     # once, here (REPA's --legacy: twice)
         with torch.autocast('cuda', torch.bfloat16, enabled=cuda):
             # >>> method: loss call
             loss, terms = compute_loss(net, x, y, target, cfg['proj_coeff'])

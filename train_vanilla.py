@@ -209,7 +209,7 @@ def main(argv=None):
         moments, y = (b.to(device, non_blocking=True) for b in next(data))
         # <<< method
         x = sit.sample_latents(moments, meta['latent_scale'])                # (N, C, h, w)
-        y = torch.where(torch.rand(y.shape, device=device) < cfg['label_dropout'], meta['num_classes'], y)
+        y = sit.drop_labels(y, cfg['label_dropout'], meta['num_classes'])     # once, here (REPA's --legacy: twice)
         with torch.autocast('cuda', torch.bfloat16, enabled=cuda):
             # >>> method: loss call
             loss, terms = compute_loss(net, x, y)

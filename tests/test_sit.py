@@ -269,6 +269,15 @@ def test_dataset_errors(tmp_path):
         sit.PreparedDataset(str(tmp_path / 'toy'))
 
 
+def test_drop_labels():
+    torch.manual_seed(0)
+    y = torch.randint(0, 7, (20000,))
+    d = sit.drop_labels(y, 0.1, 7)
+    dropped = d != y
+    assert abs(dropped.float().mean().item() - 0.1) < 0.01
+    assert (d[dropped] == 7).all() and torch.equal(sit.drop_labels(y, 0.0, 7), y)
+
+
 def test_sample_latents_and_decode():
     torch.manual_seed(0)
     mean, std = torch.randn(4000, 1, 2, 2), torch.full((4000, 1, 2, 2), 0.5)

@@ -76,6 +76,9 @@ def test_exact_resume_and_weights_only(toy, tmp_path):
     cb = torch.load(tmp_path / 'b' / 'checkpoints' / '0000008.pt', weights_only=True)
     assert all(torch.equal(v, cb['ema'][k]) for k, v in ca['ema'].items())
     assert ca['step'] == 8 and type(ca['config']) is dict and ca['config']['method'] == 'vanilla'
+    group = ca['opt']['param_groups'][0]    # the paper's AdamW: constant lr, betas (0.9, 0.999), eps 1e-8, no decay
+    assert (group['lr'], group['betas'], group['eps'], group['weight_decay']) == (1e-3, (0.9, 0.999), 1e-8, 0.0)
+    assert train_vanilla.config['lr'] == 1e-4 and train_vanilla.config['ema_decay'] == 0.9999
     # and the run folder has what it promises
     assert {'config.json', 'log.txt', 'metrics.jsonl', 'train_vanilla.py'} <= set(os.listdir(tmp_path / 'a'))
     logged = [json.loads(l) for l in open(tmp_path / 'a' / 'metrics.jsonl')]
