@@ -832,20 +832,27 @@ class StopFlag:
         return bool(flag.item())
 
 
-def parse_config(defaults, presets, argv, doc):
-    """--key value overrides of a dict of named defaults; --preset NAME applies a named set first."""
+def parse_config(defaults, presets, argv, doc, source):
+    """--key value overrides of a dict of named defaults; --preset NAME applies a named set first. The help text
+    of each flag is the comment on its line in the script's config block (`source`)."""
     import argparse
+    import re
+    with open(source) as f:
+        notes = dict(re.findall(r'^\s+(\w+)=.*?#\s*(.+)$', f.read(), re.M))
+
+    def boolean(s):
+        if s.lower() not in ('1', 'true', 'yes', '0', 'false', 'no'):
+            raise argparse.ArgumentTypeError(f"expected true or false, got '{s}'")
+        return s.lower() in ('1', 'true', 'yes')
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--preset', choices=sorted(presets), help='named override set, applied before other flags')
+    p.add_argument('--preset', choices=sorted(presets), help='; '.join(
+        f'{name}: ' + ', '.join(f'{k}={v}' for k, v in kv.items()) for name, kv in presets.items()))
     for k, v in defaults.items():
         if k == 'method':  # fixed by the script, not a flag
             continue
-        flag = '--' + k.replace('_', '-')
-        if isinstance(v, bool):
-            p.add_argument(flag, type=lambda s: s.lower() in ('1', 'true', 'yes'), metavar='BOOL',
-                           help=f'default {v}')
-        else:
-            p.add_argument(flag, type=type(v) if v is not None else str, help=f'default {v}')
+        kind = boolean if isinstance(v, bool) else type(v)
+        p.add_argument('--' + k.replace('_', '-'), type=kind, metavar=kind.__name__.upper(),
+                       help=f"{notes.get(k, '')} (default: {v if v != '' else 'none'})")
     args = p.parse_args(argv)
     cfg = dict(defaults)
     if args.preset:

@@ -31,19 +31,19 @@ config = dict(
     data_path='data/imagenet256',  # a folder made by prepare.py
     out='runs/{method}',           # run folder: log, metrics, config, checkpoints, preview grids
     resume='',                     # a checkpoint file, or a run folder (its newest checkpoint)
-    model='SiT-XL/2',
+    model='SiT-XL/2',              # SiT-{S,B,L,XL}/{2,4,8}, or SiT-T/* (tiny, ours: toy data and tests)
     global_batch=256,              # split evenly over ranks
     lr=1e-4,                       # AdamW, constant, betas (0.9, 0.999), eps 1e-8, no weight decay
-    grad_clip=1.0,
+    grad_clip=1.0,                 # max global grad norm
     ema_decay=0.9999,              # every step, from a copy of the initial model
     label_dropout=0.1,             # classifier-free guidance: p(label -> null class)
-    max_steps=400_000,
-    log_every=100,
-    ckpt_every=50_000,
+    max_steps=400_000,             # optimizer steps
+    log_every=100,                 # steps between log lines (loss, grad norm, img/s, ETA)
+    ckpt_every=50_000,             # steps between checkpoints (also at the end and on SIGTERM/SIGUSR1)
     sample_every=10_000,           # preview grid from the EMA model (fixed noise and labels), and at the end; 0: never
     preview_cfg=4.0,               # guidance scale of the preview grid only
     vae='',                        # decoder for previews: '' = the dataset's (hub download), or a local file/folder
-    seed=0,
+    seed=0,                        # init and data order; rank r draws noise from seed * world + r
     num_workers=4,                 # data loader processes per rank
     compile=False,                 # torch.compile the model (CUDA)
     wandb=False,                   # also log to Weights & Biases (pip install wandb)
@@ -78,7 +78,7 @@ def compute_loss(model, x, y):
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
-    cfg = sit.parse_config(config, presets, argv, __doc__)
+    cfg = sit.parse_config(config, presets, argv, __doc__, __file__)
     rank, world, device = sit.setup_distributed()
     cuda = device.type == 'cuda'
     if cuda:  # TF32 matmuls; bf16 autocast below; SDPA picks flash / memory-efficient kernels
