@@ -195,7 +195,6 @@ class SiT(nn.Module):
         return torch.einsum('nhwpqc->nchpwq', x).reshape(x.shape[0], c, g * p, g * p)
 
     def forward(self, x, t, y, return_zs=False, attn_blocks=()):
-        N = x.shape[0]
         h = self.x_embedder(x) + self.pos_embed                              # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y)                          # (N, D)
         aux = {}
