@@ -63,10 +63,13 @@ def open_arrays(out, count, resolution, latent_channels, latent_size, moments_dt
 
 def write_meta(out, **meta):
     """dataset.json is written last: its presence marks a finished dataset."""
-    tmp = os.path.join(out, 'dataset.json.tmp')
-    with open(tmp, 'w') as f:
-        json.dump({'format': sit.DATASET_FORMAT, **meta}, f, indent=1)
-    os.replace(tmp, os.path.join(out, 'dataset.json'))
+    _write_json(os.path.join(out, 'dataset.json'), {'format': sit.DATASET_FORMAT, **meta})
+
+
+def _write_json(path, obj):
+    with open(path + '.tmp', 'w') as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + '.tmp', path)  # atomic: a kill mid-write keeps the previous file
 
 
 # -----------------------------------------------------------------------------
@@ -158,7 +161,6 @@ def prepare_toy(out, per_class=500, resolution=16, seed=0):
 # ImageNet (any ImageFolder) -> images + SD-VAE moments, sharded over ranks, resumable
 
 IMAGE_EXTS = ('.jpeg', '.jpg', '.png', '.bmp', '.webp', '.tif', '.tiff', '.ppm', '.pgm')
-SD_LATENT_SCALE = 0.18215
 
 
 def list_image_folder(src, classes=None, limit=None):
@@ -224,12 +226,6 @@ def _read_json(path):
         return None
     with open(path) as f:
         return json.load(f)
-
-
-def _write_json(path, obj):
-    with open(path + '.tmp', 'w') as f:
-        json.dump(obj, f)
-    os.replace(path + '.tmp', path)  # atomic: a kill mid-write keeps the previous record
 
 
 def _done_chunks(out):
@@ -345,7 +341,7 @@ def prepare_imagenet(args):
         missing = nchunks - len(_done_chunks(out))
         if missing:
             sit.fail(f'{missing} chunk(s) of {out} are not done; re-run the same command to finish them')
-        write_meta(out, resolution=R, autoencoder=args.autoencoder, latent_scale=SD_LATENT_SCALE,
+        write_meta(out, resolution=R, autoencoder=args.autoencoder, latent_scale=sit.VAE_SCALE,
                    latent_channels=sit.VAE_LATENT_CHANNELS, latent_size=R // 8, num_classes=len(names), count=count,
                    class_names=names, encoder=args.vae)
         for f in glob.glob(os.path.join(out, 'progress_rank*.json')) + [state_file]:
@@ -413,7 +409,7 @@ def prepare_repa(src, out, autoencoder='stabilityai/sd-vae-ft-ema', names_from=N
         i += len(x)
     for a in arrays.values():
         a.flush()
-    write_meta(out, resolution=R, autoencoder=autoencoder, latent_scale=SD_LATENT_SCALE, latent_channels=C2 // 2,
+    write_meta(out, resolution=R, autoencoder=autoencoder, latent_scale=sit.VAE_SCALE, latent_channels=C2 // 2,
                latent_size=h, num_classes=num_classes, count=len(pairs), class_names=names)
     print(f'converted {len(pairs)} images ({num_classes} classes, {R}px) from REPA folder {src} to {out}')
 

@@ -29,8 +29,8 @@ import torch.distributed as dist
 import sit
 
 # released ImageNet checkpoints (REPA, HASTE, SiT) carry no dataset.json: the layout they were trained on
-IMAGENET = dict(resolution=256, autoencoder='stabilityai/sd-vae-ft-ema', latent_scale=0.18215, latent_channels=4,
-                latent_size=32, num_classes=1000)
+IMAGENET = dict(resolution=256, autoencoder='stabilityai/sd-vae-ft-ema', latent_scale=sit.VAE_SCALE,
+                latent_channels=4, latent_size=32, num_classes=1000)
 
 
 def parse_args(argv=None):

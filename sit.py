@@ -217,7 +217,8 @@ def build_model(name, **kwargs):
         fail(f"latent size {kwargs['input_size']} is not divisible by the patch size of {name}")
     depth = SIZES[name[4:].split('/')[0]][0]
     if kwargs.get('z_dims') and not 1 <= kwargs.get('encoder_depth', 8) <= depth:
-        fail(f"encoder_depth {kwargs.get('encoder_depth', 8)} is outside {name}'s blocks 1..{depth}; pass --encoder-depth")
+        fail(f"encoder_depth {kwargs.get('encoder_depth', 8)} is outside {name}'s blocks 1..{depth}; "
+             f"pass --encoder-depth")
     return SiT_models[name](**kwargs)
 
 
@@ -445,19 +446,17 @@ class Teacher(nn.Module):
 
         def make_hook(i):
             attn = vit.blocks[i].attn
-            def hook(module, args):
-                # recompute q, k with timm's own weights from the block's normed input (what attn sees)
-                x = args[0]                                                         # (N, 1+T, D)
-                N, L, _ = x.shape
-                qkv = attn.qkv(x).reshape(N, L, 3, attn.num_heads, attn.head_dim)   # (N, 1+T, 3, H, d)
-                q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)                      # (N, H, 1+T, d) each
-                q, k = attn.q_norm(q), attn.k_norm(k)
+            def hook(module, args, qkv):
+                # reuse the block's own qkv projection output (no second matmul): split heads, q/k norms, scale
+                N, L, _ = qkv.shape                                                 # (N, 1+T, 3D)
+                q, k, _ = qkv.reshape(N, L, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+                q, k = attn.q_norm(q), attn.k_norm(k)                               # (N, H, 1+T, d) each
                 logits[i] = (q @ k.transpose(-2, -1)).float() * attn.scale          # (N, H, 1+T, 1+T)
             return hook
 
         # only the asked blocks pay for the extra q k^T
         for i in dict.fromkeys(attn_blocks):
-            hooks.append(vit.blocks[i].attn.register_forward_pre_hook(make_hook(i)))
+            hooks.append(vit.blocks[i].attn.qkv.register_forward_hook(make_hook(i)))
         try:
             x = self.preprocess(images)                                             # (N, 3, 14g, 14g)
             with torch.autocast('cuda', dtype=torch.bfloat16, enabled=x.is_cuda):
@@ -509,6 +508,7 @@ def load_teacher(name='dinov2-b', weights=None, grid=16, device='cpu'):
 
 VAE_CHANNELS = (128, 256, 512, 512)  # block_out_channels; 3 resamplings -> 8x
 VAE_LATENT_CHANNELS = 4
+VAE_SCALE = 0.18215  # latents are scaled by this for training (z / VAE_SCALE before decoding)
 VAE_FILE = 'diffusion_pytorch_model.safetensors'
 
 
@@ -662,7 +662,8 @@ def _resolve_vae_file(name):
     if os.path.isfile(path):
         return path
     # a repo id is 'owner/name'; anything else that does not exist is a mistyped local path
-    if path.endswith(('.safetensors', '.bin', '.pt', '.pth')) or name.count('/') != 1 or name.startswith(('.', '/', '~')):
+    if (path.endswith(('.safetensors', '.bin', '.pt', '.pth')) or name.count('/') != 1
+            or name.startswith(('.', '/', '~'))):
         fail(f"VAE: no such file or directory: {path} (pass --vae PATH to an SD-VAE {VAE_FILE})")
     fix = (f"download it where there is internet with `hf download {name} {VAE_FILE} --local-dir DIR` "
            f"and pass --vae DIR")
