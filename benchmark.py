@@ -19,6 +19,7 @@ import tempfile
 import numpy as np
 
 import prepare
+import sit
 
 METHODS = ['vanilla', 'repa', 'haste', 'reg', 'carflow']
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -34,7 +35,7 @@ def synthetic_imagenet(path, count, seed=0):
     for a in arrays.values():
         a.flush()
     # 'identity' only so no decoder is loaded: previews are off in the benchmark
-    prepare.write_meta(path, resolution=256, autoencoder='identity', latent_scale=0.18215, latent_channels=4,
+    prepare.write_meta(path, resolution=256, autoencoder='identity', latent_scale=sit.VAE_SCALE, latent_channels=4,
                        latent_size=32, num_classes=1000, count=count)
 
 

@@ -15,7 +15,7 @@ at a random position, size and rotation on a dark background; deterministic from
 
 `imagenet` reads any ImageFolder: one sub-folder per class (sorted names -> labels 0..K-1, names kept as
 class_names), image files (.jpeg/.jpg/.png/...; other files are ignored) sorted by name within a class. Each image
-gets the ADM center crop (sit.center_crop_arr; grayscale, CMYK, RGBA, palette images are converted to RGB) and is
+gets the ADM center crop (center_crop_arr; grayscale, CMYK, RGBA, palette images are converted to RGB) and is
 stored as uint8 (N, 3, 256, 256) together with its SD-VAE encoder moments cat[mean, std] (N, 8, 32, 32) float32.
 --vae names the encoder weights (hub id or local file/dir); --autoencoder the decoder recorded in dataset.json
 (sd-vae-ft-ema and -ft-mse share the encoder). --classes K | syn1,syn2,... and --limit N (per class) make subsets;
@@ -160,6 +160,34 @@ def prepare_toy(out, per_class=500, resolution=16, seed=0):
 # -----------------------------------------------------------------------------
 # ImageNet (any ImageFolder) -> images + SD-VAE moments, sharded over ranks, resumable
 
+@torch.no_grad()
+def vae_encode_moments(vae, images, batch_size=32):
+    """uint8 images (N, 3, H, W) -> float32 moments cat[mean, std] (N, 8, H/8, W/8) on CPU."""
+    device = next(vae.parameters()).device
+    out = []
+    for xb in torch.as_tensor(images).split(batch_size):
+        x = xb.to(device, torch.float32) / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
+        # no autocast: these moments become the training set, computed once; bf16 would keep ~3 digits (cuDNN may
+        # still use TF32 convolutions on Ampere+ unless torch.backends.cudnn.allow_tf32 is off, as in REPA's run)
+        out.append(vae.encode_moments(x).float().cpu())  # (B, 8, H/8, W/8)
+    return torch.cat(out)
+
+
+def center_crop_arr(pil_image, image_size):
+    """ADM / DiT / REPA center crop: PIL image -> uint8 (image_size, image_size, 3) RGB array."""
+    from PIL import Image
+    if pil_image.mode != 'RGB':  # L, RGBA (alpha dropped), CMYK, P, ...
+        pil_image = pil_image.convert('RGB')
+    # halve with a box filter while at least 2x too large (cheap anti-aliasing), then one bicubic resize
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)  # (H, W, 3), min(H, W) == image_size
+    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return arr[top: top + image_size, left: left + image_size]
+
+
 IMAGE_EXTS = ('.jpeg', '.jpg', '.png', '.bmp', '.webp', '.tif', '.tiff', '.ppm', '.pgm')
 
 
@@ -203,7 +231,7 @@ class ImageFiles(torch.utils.data.Dataset):
                     im.draft(None, (im.width // 8, im.height // 8))  # JPEG: 1/8-scale IDCT; a no-op otherwise
                     im.load()
                     return None, None
-                return sit.center_crop_arr(im, self.resolution).transpose(2, 0, 1), None  # (3, R, R) uint8
+                return center_crop_arr(im, self.resolution).transpose(2, 0, 1), None  # (3, R, R) uint8
         except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ValueError, ...
             why = (str(e).replace(f" '{self.paths[i]}'", '').strip().splitlines() or [''])[0][:150]  # path said once
             return None, (self.paths[i], f'{type(e).__name__}: {why}')
@@ -324,7 +352,7 @@ def prepare_imagenet(args):
             sit.fail(f'cannot read image {errors[0][0]} ({errors[0][1]})')
         lo, hi = idx[0], idx[-1] + 1
         arrays['images'][lo:hi] = x.numpy()  # (B, 3, R, R) uint8
-        arrays['moments'][lo:hi] = sit.vae_encode_moments(vae, x, len(idx)).numpy()  # (B, 8, R/8, R/8) float32
+        arrays['moments'][lo:hi] = vae_encode_moments(vae, x, len(idx)).numpy()  # (B, 8, R/8, R/8) float32
         n += len(idx)
         if hi == min((lo // chunk + 1) * chunk, count):  # last batch of its chunk
             for a in arrays.values():

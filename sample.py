@@ -13,8 +13,12 @@ sample.py: sample a trained SiT checkpoint for evaluation (PNGs + one ADM-format
 Checkpoints of this repo know their method, model and dataset (config inside), so they need no extra flags;
 EMA weights unless --weights model. Released state dicts (raw, or a dict with 'ema') need --model and use
 ImageNet's latent layout (4x32x32, 1000 classes, sd-vae-ft-ema) unless --data-path names a prepared dataset.
-Pixels: sit.decode_latents, i.e. clamp to [-1, 1], (x + 1) * 127.5 and ROUND to nearest (DiT's conversion;
-REPA's generate.py truncates instead, which makes images ~0.5 grey level darker on average).
+
+The default is the protocol behind REPA's, HASTE's and REG's published FIDs (their generate.py): the network and
+the VAE decoder in fp32 (TF32 on CUDA), pixels clamp(-1, 1) -> (x + 1) * 127.5 -> TRUNCATED to uint8.
+Opt-ins that change numbers: --round (round to nearest, DiT's conversion: truncation is ~0.5 grey levels darker on
+average) and --bf16 (bf16 autocast for the network and the decoder: faster on GPUs, pixels move slightly). Both
+are part of the output folder's name, so samples of different protocols never mix.
 Reruns with the same settings resume: indices whose PNG exists are skipped (PNGs are written atomically).
 The output depends on (checkpoint, settings, --seed, --batch-size), not on the number of processes.
 """
@@ -56,6 +60,8 @@ def parse_args(argv=None):
     p.add_argument('--grid', type=int, default=0, metavar='N', help='write a preview grid of N samples per class')
     p.add_argument('--classes', help='comma-separated class ids for --grid (default: the first min(10, K))')
     p.add_argument('--log-every', type=int, default=10, help='progress line every N batches')
+    p.add_argument('--round', action='store_true', help='round pixels to nearest (default: truncate, as REPA)')
+    p.add_argument('--bf16', action='store_true', help='bf16 autocast for network and decoder (default: fp32)')
     p.add_argument('--compile', action='store_true', help='torch.compile the model (CUDA)')
     args = p.parse_args(argv)
     if os.path.isdir(args.ckpt):
@@ -153,14 +159,12 @@ def seed_batch(seed, start):
     torch.manual_seed(int(np.random.SeedSequence([seed, start, 1]).generate_state(1)[0]))
 
 
-def run_sampler(net, z, y, args):
-    kw = dict(num_steps=args.num_steps, cfg_scale=args.cfg_scale, guidance_low=args.guidance_low,
-              guidance_high=args.guidance_high)
-    # bf16 for the network only (the samplers keep the state in fp32); a no-op on CPU
-    with torch.autocast('cuda', dtype=torch.bfloat16, enabled=z.is_cuda):
-        if args.mode == 'sde':
-            return sit.euler_maruyama_sampler(net, z, y, **kw)  # (n, C, h, w)
-        return sit.euler_sampler(net, z, y, heun=args.heun, **kw)
+def generate(net, z, y, meta, vae, args):
+    """Noise (n, C, h, w) and labels -> uint8 images (n, 3, H, W) on CPU: sampler, then decoder."""
+    with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=args.bf16):
+        x = sit.sample(net, z, y, mode=args.mode, num_steps=args.num_steps, heun=args.heun, cfg_scale=args.cfg_scale,
+                       guidance_low=args.guidance_low, guidance_high=args.guidance_high)  # (n, C, h, w)
+        return sit.decode_latents(x, meta, vae, round=args.round)
 
 
 def save_png(img, path):
@@ -180,8 +184,6 @@ def main(argv=None):
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    # the evaluation protocol's per-rank seed (REPA); the samples themselves come from the keyed generators below
-    torch.manual_seed(args.seed * world + rank)
     model, meta, tag, what = load_model(args)
     model.to(device)
     net = torch.compile(model) if args.compile else model
@@ -195,7 +197,8 @@ def main(argv=None):
     mode = 'heun' if args.heun else args.mode
     name = (f"{os.path.splitext(os.path.basename(args.ckpt))[0]}-{tag}-{mode}{args.num_steps}-cfg{args.cfg_scale}-"
             f"g{args.guidance_low}-{args.guidance_high}-seed{args.seed}" +
-            (f'-balanced{args.num_samples}' if args.class_balanced else '') + ('-sitconv' if args.sit_convention else ''))
+            (f'-balanced{args.num_samples}' if args.class_balanced else '') + ('-sitconv' if args.sit_convention else '') +
+            ('-round' if args.round else '') + ('-bf16' if args.bf16 else ''))
     log = print if rank == 0 else (lambda *a, **k: None)
     log(f"{what}: {sum(p.numel() for p in model.parameters()):,} parameters; latents {shape}, {K} classes, "
         f"{world} process(es) on {device.type}")
@@ -212,7 +215,7 @@ def main(argv=None):
             z, _ = draw_inputs(range(n), args.seed, shape, K)                   # (n, C, h, w)
             y = torch.tensor(classes).repeat(args.grid)                         # image i -> column i % len(classes)
             seed_batch(args.seed, 0)
-            images = sit.decode_latents(run_sampler(net, z.to(device), y.to(device), args), meta, vae)
+            images = generate(net, z.to(device), y.to(device), meta, vae, args)
             os.makedirs(sample_dir, exist_ok=True)
             path = os.path.join(sample_dir, f"{name}-grid{args.grid}-classes{'_'.join(map(str, classes))}.png")
             sit.save_grid(images, path, len(classes))
@@ -244,8 +247,7 @@ def main(argv=None):
         if balanced is not None:
             y = balanced[s:idx.stop]
         seed_batch(args.seed, s)
-        x = run_sampler(net, z.to(device), y.to(device), args)                  # (n, C, h, w)
-        for i, img in zip(idx, sit.decode_latents(x, meta, vae)):              # img: uint8 (3, H, W)
+        for i, img in zip(idx, generate(net, z.to(device), y.to(device), meta, vae, args)):  # img: uint8 (3, H, W)
             if not os.path.exists(png(i)):  # a partly done batch is regenerated whole; keep what is on disk
                 save_png(img, png(i))
         if (b + 1) % args.log_every == 0 or b + 1 == len(mine):

@@ -1,6 +1,8 @@
 """
-sit.py: the one shared module. SiT backbone, samplers, prepared-dataset reader and the small helpers
-every script needs. Training scripts (train_*.py), sample.py, fid.py and prepare.py import from here.
+sit.py: the one shared module. In reading order: the convention and `fail`; the SiT backbone; the flow (label
+dropout, latents, samplers); the prepared dataset; the frozen DINOv2 teacher; the training plumbing every
+train_*.py shares (distributed set-up, resume, checkpoints, signals, config, logging); pixels and the SD-VAE.
+The training scripts, sample.py, prepare.py and benchmark.py import it; fid.py stands alone.
 
 The convention (REPA's, used by every script in this repo):
   x_t = (1 - t) * x + t * eps        t ~ U(0, 1); t = 0 is data, t = 1 is noise
@@ -9,9 +11,11 @@ The convention (REPA's, used by every script in this repo):
   labels: num_classes is the null class used for classifier-free guidance
 The original SiT repo runs time the other way (t = 0 noise, v = x - eps); see `flip_time` below.
 """
+import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -21,6 +25,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Errors a user can fix
+
+def fail(msg):
+    """One clear line instead of a traceback, for problems a user can fix."""
+    raise SystemExit(f'error: {msg}')
+
 
 # -----------------------------------------------------------------------------
 # SiT backbone (DiT architecture; parameter names follow DiT / SiT / REPA so released checkpoints load)
@@ -210,17 +222,6 @@ class SiT(nn.Module):
         return v[:, :self.in_channels], aux
 
 
-def build_model(name, **kwargs):
-    if name not in SiT_models:
-        fail(f"unknown model '{name}'; choose one of {', '.join(SiT_models)}")
-    if kwargs.get('input_size', 32) % int(name.split('/')[1]):
-        fail(f"latent size {kwargs['input_size']} is not divisible by the patch size of {name}")
-    depth = SIZES[name[4:].split('/')[0]][0]
-    if kwargs.get('z_dims') and not 1 <= kwargs.get('encoder_depth', 8) <= depth:
-        fail(f"encoder_depth {kwargs.get('encoder_depth', 8)} is outside {name}'s blocks 1..{depth}; "
-             f"pass --encoder-depth")
-    return SiT_models[name](**kwargs)
-
 
 # name -> (depth, width, heads). T is ours: a tiny size for the toy data and the tests.
 SIZES = {'T': (6, 128, 4), 'S': (12, 384, 6), 'B': (12, 768, 12), 'L': (24, 1024, 16), 'XL': (28, 1152, 16)}
@@ -234,16 +235,41 @@ def _make(depth, hidden_size, num_heads, patch_size):
 
 SiT_models = {f'SiT-{s}/{p}': _make(*SIZES[s], p) for s in SIZES for p in (2, 4, 8)}
 
+def build_model(name, **kwargs):
+    if name not in SiT_models:
+        fail(f"unknown model '{name}'; choose one of {', '.join(SiT_models)}")
+    if kwargs.get('input_size', 32) % int(name.split('/')[1]):
+        fail(f"latent size {kwargs['input_size']} is not divisible by the patch size of {name}")
+    depth = SIZES[name[4:].split('/')[0]][0]
+    if kwargs.get('z_dims') and not 1 <= kwargs.get('encoder_depth', 8) <= depth:
+        fail(f"encoder_depth {kwargs.get('encoder_depth', 8)} is outside {name}'s blocks 1..{depth}; "
+             f"pass --encoder-depth")
+    return SiT_models[name](**kwargs)
+
+
 
 # -----------------------------------------------------------------------------
-# Samplers (REPA's names and arguments; t runs from 1 (noise) to 0 (data))
+# The flow: label dropout, latents, samplers (REPA's names and arguments; t runs from 1 (noise) to 0 (data))
+
+def drop_labels(y, p, num_classes):
+    """Classifier-free guidance training: each label becomes the null class (id num_classes) with probability p."""
+    return torch.where(torch.rand(y.shape, device=y.device) < p, num_classes, y)
 
 
-def guided_velocity(model, x, t, y, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0):
+def sample_latents(moments, scale):
+    """z = (mean + std * randn) * scale, drawn afresh every step from the stored moments."""
+    mean, std = moments.chunk(2, dim=1)                                      # (N, C, h, w) each
+    return (mean + std * torch.randn_like(mean)) * scale
+
+
+def guided_velocity(model, x, t, y, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0, guide=None):
     """v(x, t | y), classifier-free guided only while guidance_low <= t <= guidance_high. Outside the
-    interval (or at scale 1) only the conditional half runs: no doubled batch."""
+    interval (or at scale 1) only the conditional half runs: no doubled batch. `guide` overrides the interval
+    test with a decision the caller already made (Heun's second evaluation, see euler_sampler)."""
     t_vec = torch.full((x.shape[0],), float(t), device=x.device)
-    if cfg_scale != 1.0 and guidance_low <= t <= guidance_high:
+    if guide is None:
+        guide = guidance_low <= t <= guidance_high
+    if cfg_scale != 1.0 and guide:
         y_null = torch.full_like(y, model.num_classes)
         v = model(torch.cat([x, x]), torch.cat([t_vec, t_vec]), torch.cat([y, y_null]))[0].float()
         v_cond, v_uncond = v.chunk(2)
@@ -258,10 +284,13 @@ def euler_sampler(model, latents, y, num_steps=50, heun=False, cfg_scale=1.0, gu
     ts = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64).tolist()
     x = latents.float()                                                      # (N, C, H, W)
     for i, (t_cur, t_next) in enumerate(zip(ts[:-1], ts[1:])):
-        d_cur = guided_velocity(model, x, t_cur, y, cfg_scale, guidance_low, guidance_high)
+        guide = guidance_low <= t_cur <= guidance_high
+        d_cur = guided_velocity(model, x, t_cur, y, cfg_scale, guide=guide)
         x_next = x + (t_next - t_cur) * d_cur
         if heun and i < num_steps - 1:
-            d_next = guided_velocity(model, x_next, t_next, y, cfg_scale, guidance_low, guidance_high)
+            # REPA decides the guidance interval once per step, at t_cur, for both evaluations (its code defines
+            # the published numbers); deciding again at t_next would differ by ~1e-3 at the interval's edge
+            d_next = guided_velocity(model, x_next, t_next, y, cfg_scale, guide=guide)
             x_next = x + (t_next - t_cur) * 0.5 * (d_cur + d_next)
         x = x_next
     return x
@@ -302,6 +331,19 @@ def flip_time(model):
             return -v, aux
     return Flipped()
 
+def sample(model, noise, y, mode='sde', num_steps=250, heun=False, cfg_scale=1.0, guidance_low=0.0,
+           guidance_high=1.0):
+    """The one sampling entry point of sample.py and the training previews: the SDE (Euler-Maruyama, REPA's
+    evaluation sampler) or the ODE (Euler, or Heun). noise (N, C, H, W) at t = 1 -> latents at t = 0."""
+    kw = dict(num_steps=num_steps, cfg_scale=cfg_scale, guidance_low=guidance_low, guidance_high=guidance_high)
+    if mode == 'sde':
+        if heun:
+            fail('Heun steps are for the ODE (--mode ode); the SDE sampler is Euler-Maruyama only')
+        return euler_maruyama_sampler(model, noise, y, **kw)
+    if mode != 'ode':
+        fail(f"unknown sampling mode {mode!r}; use 'sde' or 'ode'")
+    return euler_sampler(model, noise, y, heun=heun, **kw)
+
 
 # -----------------------------------------------------------------------------
 # Prepared dataset: a folder of memory-mapped .npy arrays + dataset.json (written by prepare.py)
@@ -311,12 +353,6 @@ def flip_time(model):
 #   dataset.json {format, resolution, autoencoder, latent_scale, latent_channels, latent_size, num_classes, count}
 
 DATASET_FORMAT = 1
-
-
-def fail(msg):
-    """One clear line instead of a traceback, for problems a user can fix."""
-    raise SystemExit(f'error: {msg}')
-
 
 def read_dataset_meta(path):
     meta_path = os.path.join(path, 'dataset.json')
@@ -371,34 +407,6 @@ def check_data_model(meta, model):
              f"{model.in_channels}x{model.grid * model.patch_size}x{model.grid * model.patch_size} with "
              f"{model.num_classes} classes; pass a matching --model / --data-path")
 
-
-def sample_latents(moments, scale):
-    """z = (mean + std * randn) * scale, drawn afresh every step from the stored moments."""
-    mean, std = moments.chunk(2, dim=1)                                      # (N, C, h, w) each
-    return (mean + std * torch.randn_like(mean)) * scale
-
-
-def load_autoencoder(meta, device, path=None):
-    """The dataset's decoder: None for the toy set's identity, else the SD-VAE (hub name in dataset.json, or PATH)."""
-    return None if meta['autoencoder'] == 'identity' else load_vae(path or meta['autoencoder'], device)
-
-
-def to_uint8(x):
-    """The repo's one pixel conversion (as DiT): clamp to [-1, 1], (x + 1) * 127.5, round to nearest."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-def drop_labels(y, p, num_classes):
-    """Classifier-free guidance training: each label becomes the null class (id num_classes) with probability p."""
-    return torch.where(torch.rand(y.shape, device=y.device) < p, num_classes, y)
-
-
-def decode_latents(z, meta, vae=None):
-    """Scaled latents (N, C, h, w) -> uint8 images (N, 3, R, R) on CPU."""
-    x = z.float() / meta['latent_scale']
-    return to_uint8(x).cpu() if vae is None else vae_decode_to_uint8(vae, x)
-
-
 # -----------------------------------------------------------------------------
 # Frozen DINOv2 teacher (timm's port of facebookresearch/dinov2, as REPA uses it)
 
@@ -415,10 +423,11 @@ DINOV2 = {
 class Teacher(nn.Module):
     """Wraps a timm DINOv2 ViT: raw 0..255 images in, final-norm tokens (and optional attention logits) out."""
 
-    def __init__(self, vit, grid):
+    def __init__(self, vit, grid, fp16=False):
         super().__init__()
         self.vit = vit
         self.grid = grid
+        self.fp16 = fp16
         self.resolution = 14 * grid
         self.dim = vit.embed_dim
         self.register_buffer('mean', torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -450,8 +459,9 @@ class Teacher(nn.Module):
                 # reuse the block's own qkv projection output (no second matmul): split heads, q/k norms, scale
                 N, L, _ = qkv.shape                                                 # (N, 1+T, 3D)
                 q, k, _ = qkv.reshape(N, L, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-                q, k = attn.q_norm(q), attn.k_norm(k)                               # (N, H, 1+T, d) each
-                logits[i] = (q @ k.transpose(-2, -1)).float() * attn.scale          # (N, H, 1+T, 1+T)
+                q, k = attn.q_norm(q).float(), attn.k_norm(k).float()               # (N, H, 1+T, d) each
+                with torch.autocast(q.device.type, enabled=False):  # fp32 logits, also under the fp16 forward
+                    logits[i] = (q @ k.transpose(-2, -1)) * attn.scale               # (N, H, 1+T, 1+T)
             return hook
 
         # only the asked blocks pay for the extra q k^T
@@ -459,7 +469,9 @@ class Teacher(nn.Module):
             hooks.append(vit.blocks[i].attn.qkv.register_forward_hook(make_hook(i)))
         try:
             x = self.preprocess(images)                                             # (N, 3, 14g, 14g)
-            with torch.autocast('cuda', dtype=torch.bfloat16, enabled=x.is_cuda):
+            # fp16 as the official code (its 10-bit mantissa keeps targets closer to fp32 than bf16's 7); frozen and
+            # without grad, so no loss scaler. enabled=False also shields it from an enclosing bf16 autocast.
+            with torch.autocast(x.device.type, dtype=torch.float16, enabled=self.fp16):
                 x = vit.forward_features(x).float()                                 # (N, 1+T, D)
         finally:
             for h in hooks:
@@ -470,8 +482,9 @@ class Teacher(nn.Module):
         return out
 
 
-def load_teacher(name='dinov2-b', weights=None, grid=16, device='cpu'):
-    """weights: None -> timm hub download, PATH -> local checkpoint, 'random' -> random init (mechanics only)."""
+def load_teacher(name='dinov2-b', weights=None, grid=16, device='cpu', fp16=False):
+    """weights: None -> timm hub download, PATH -> local checkpoint, 'random' -> random init (mechanics only).
+    fp16: run the forward under fp16 autocast (the training scripts do when they train in mixed precision)."""
     if name not in DINOV2:
         fail(f"unknown teacher {name!r}; valid names: {', '.join(DINOV2)}")
     import timm
@@ -497,7 +510,317 @@ def load_teacher(name='dinov2-b', weights=None, grid=16, device='cpu'):
             fail(f"could not download teacher {arch} ({type(e).__name__}: {why}); run where huggingface.co "
                  f"is reachable, or get model.safetensors elsewhere (`pip install huggingface_hub && hf "
                  f"download timm/{arch}`) and pass --enc-ckpt PATH")
-    return Teacher(vit, grid).to(device).eval().requires_grad_(False)
+    return Teacher(vit, grid, fp16).to(device).eval().requires_grad_(False)
+
+
+# -----------------------------------------------------------------------------
+# Training plumbing shared by every train_*.py: distributed set-up, precision, resume, checkpoints, signals,
+# config and logging. Nothing here is method-specific; the scripts keep their loop, their loss and their data.
+
+
+def setup_distributed():
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python script.py` runs as one process, no group."""
+    if 'RANK' not in os.environ:
+        device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+        return 0, 1, device
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ['LOCAL_RANK']))
+    dist.init_process_group('nccl' if cuda else 'gloo')
+    device = torch.device('cuda', int(os.environ['LOCAL_RANK'])) if cuda else torch.device('cpu')
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def use_bf16(precision, device):
+    """--precision: 'auto' is bf16 autocast on CUDA and fp32 on CPU; 'bf16' and 'fp32' force one everywhere
+    (bf16 on a CPU runs the GPU code path, slowly: that is how the tests exercise it)."""
+    if precision not in ('auto', 'bf16', 'fp32'):
+        fail(f"--precision {precision!r}: use auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32")
+    return precision == 'bf16' or (precision == 'auto' and device.type == 'cuda')
+
+
+def micro_batch_size(global_batch, world, grad_accum):
+    """Per-rank batch of one forward/backward: global_batch = micro_batch * world * grad_accum."""
+    if grad_accum < 1 or global_batch % (world * grad_accum):
+        fail(f"global batch {global_batch} does not split into {world} rank(s) x {grad_accum} accumulation "
+             f"step(s); pass --global-batch or --grad-accum")
+    return global_batch // (world * grad_accum)
+
+
+def grad_sync(net, enabled):
+    """DDP all-reduces gradients during backward; with gradient accumulation only the last micro-batch of an
+    optimizer step needs to (no_sync accumulates locally). A no-op without DDP."""
+    return contextlib.nullcontext() if enabled or not hasattr(net, 'no_sync') else net.no_sync()
+
+
+def all_mean(x):
+    """Mean of a tensor over ranks (identity without a process group)."""
+    if dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+
+
+def load_weights(model, sd, what):
+    """Strict load_state_dict, but one readable line naming the mismatched keys instead of a multi-line error."""
+    ref = model.state_dict()
+    missing, unexpected = sorted(set(ref) - set(sd)), sorted(set(sd) - set(ref))
+    shape = [f'{k} {tuple(sd[k].shape)}!={tuple(ref[k].shape)}' for k in ref if k in sd and sd[k].shape != ref[k].shape]
+    if missing or unexpected or shape:
+        fail(f"{what}: {len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+             f"(e.g. {unexpected[:3]}), {len(shape)} of wrong shape (e.g. {shape[:2]})")
+    model.load_state_dict(sd, strict=True)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        fail(f"checkpoint '{path}' does not exist; pass the path to a .pt file (or a run folder to resume)")
+    import argparse
+    torch.serialization.add_safe_globals([argparse.Namespace])  # REPA's last.pt stores its args (plain values)
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        fail(f"cannot read checkpoint '{path}' ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+
+
+def latest_checkpoint(run_dir):
+    d = os.path.join(run_dir, 'checkpoints')
+    files = sorted(f for f in os.listdir(d) if f.endswith('.pt')) if os.path.isdir(d) else []
+    return os.path.join(d, files[-1]) if files else None
+
+
+def resume_checkpoint(cfg, run_keys):
+    """-> (run folder, checkpoint dict or None). --resume takes a checkpoint file or a run folder (its newest
+    checkpoint); it must come from the same method, and every key not in run_keys must equal the checkpoint's,
+    since those keys change the math (a resumed run must be the run that was never interrupted)."""
+    run_dir = cfg['out'].format(**cfg)
+    if not cfg['resume']:
+        return run_dir, None
+    path = latest_checkpoint(cfg['resume']) if os.path.isdir(cfg['resume']) else cfg['resume']
+    if path is None:
+        fail(f"no checkpoints in '{cfg['resume']}/checkpoints'; pass a checkpoint file or drop --resume")
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('config'), dict) or 'method' not in ckpt['config']:
+        fail(f"'{path}' is not a training checkpoint of this repo")
+    if ckpt['config']['method'] != cfg['method']:
+        got = ckpt['config']['method']
+        fail(f"'{path}' is a {got} checkpoint, not {cfg['method']}; resume it with train_{got}.py")
+    diff = {k: (ckpt['config'].get(k), v) for k, v in cfg.items() if k not in run_keys and ckpt['config'].get(k) != v}
+    if diff:
+        fail('resume would change ' + ', '.join(f'{k} ({a} -> {b})' for k, (a, b) in diff.items()) +
+             '; pass the flags of the original run')
+    ckpt['path'] = path
+    return run_dir, ckpt
+
+
+def create_run_dir(run_dir, cfg, script, rank, world):
+    """RUN/config.json, a copy of the exact script that produced the run, and RUN/checkpoints/ (rank 0 writes)."""
+    if rank == 0:
+        os.makedirs(os.path.join(run_dir, 'checkpoints'), exist_ok=True)
+        with open(os.path.join(run_dir, 'config.json'), 'w') as f:
+            json.dump(cfg, f, indent=1)
+        shutil.copy(os.path.abspath(script), run_dir)
+    if world > 1:
+        dist.barrier()
+
+
+def rng_state(device):
+    state = {'cpu': torch.get_rng_state()}
+    if device.type == 'cuda':
+        state['cuda'] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state['cpu'])
+    if device.type == 'cuda':
+        torch.cuda.set_rng_state(state['cuda'], device)
+
+
+def restore(ckpt, model, ema, opt, device, log):
+    """Weights, EMA, optimizer and this rank's RNG from a training checkpoint; returns its step."""
+    model.load_state_dict(ckpt['model'])
+    ema.load_state_dict(ckpt['ema'])
+    opt.load_state_dict(ckpt['opt'])
+    step, rank, world = ckpt['step'], get_rank(), get_world_size()
+    if len(ckpt['rng']) == world:
+        set_rng_state(ckpt['rng'][rank], device)
+    else:  # another world size cannot replay the same noise; the data order still continues
+        log(f"warning: checkpoint has {len(ckpt['rng'])} rank RNG states, this run {world}: resume is not bitwise")
+        torch.manual_seed(ckpt['config']['seed'] * world + rank + step)
+    log(f"resumed from {ckpt['path']} at step {step}")
+    return step
+
+
+def save_checkpoint(path, obj):
+    """Atomic: a crash mid-write leaves the previous file intact, never a truncated one."""
+    tmp = f'{path}.tmp'
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_training_state(run_dir, step, log, device, **state):
+    """RUN/checkpoints/<step>.pt: `state` (model, ema, opt, config, model_args, ...) plus step and every rank's
+    RNG state, so a resumed run replays the same noise. Every rank must call it (the RNG states are gathered)."""
+    rngs = [rng_state(device)]
+    if dist.is_initialized():
+        rngs = [None] * dist.get_world_size()
+        dist.all_gather_object(rngs, rng_state(device))
+    if get_rank() == 0:
+        path = os.path.join(run_dir, 'checkpoints', f'{step:07d}.pt')
+        save_checkpoint(path, dict(step=step, rng=rngs, **{k: v.state_dict() if hasattr(v, 'state_dict') else v
+                                                          for k, v in state.items()}))
+        log(f'checkpoint -> {path}')
+
+
+def get_rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+class StopFlag:
+    """SIGTERM (preemption) or SIGUSR1 (e.g. Slurm's --signal) asks the loop to save and exit at the next step.
+    Ranks agree through a CPU all-reduce so every rank stops at the same step (no GPU sync needed)."""
+
+    def __init__(self):
+        self.local = False
+        self.group = dist.new_group(backend='gloo') if dist.is_initialized() else None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.local = True
+
+    def __call__(self):
+        flag = torch.tensor([float(self.local)])
+        if self.group is not None:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
+
+
+def parse_config(defaults, presets, argv, doc, source):
+    """--key value overrides of a dict of named defaults; --preset NAME applies a named set first. The help text
+    of each flag is the comment on its line in the script's config block (`source`)."""
+    import argparse
+    import re
+    with open(source) as f:
+        notes = dict(re.findall(r'^\s+(\w+)=.*?#\s*(.+)$', f.read(), re.M))
+
+    def boolean(s):
+        if s.lower() not in ('true', 'false'):
+            raise argparse.ArgumentTypeError(f"expected true or false, got '{s}'")
+        return s.lower() == 'true'
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--preset', choices=sorted(presets), help='; '.join(
+        f'{name}: ' + ', '.join(f'{k}={v}' for k, v in kv.items()) for name, kv in presets.items()))
+    for k, v in defaults.items():
+        if k == 'method':  # fixed by the script, not a flag
+            continue
+        kind = boolean if isinstance(v, bool) else type(v)
+        p.add_argument('--' + k.replace('_', '-'), type=kind, metavar=kind.__name__.upper(),
+                       help=f"{notes.get(k, '')} (default: {v if v != '' else 'none'})")
+    args = p.parse_args(argv)
+    cfg = dict(defaults)
+    if args.preset:
+        cfg.update(presets[args.preset])
+    cfg.update({k: v for k, v in vars(args).items() if v is not None and k != 'preset'})
+    return cfg
+
+
+def format_time(seconds):
+    seconds = int(seconds)
+    return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+class Logger:
+    """log(msg): rank 0 prints to stdout and appends to RUN/log.txt. log.add(...) accumulates scalar tensors on
+    the device (no sync per step); log.report(step) averages them over steps and ranks (one all-reduce), prints a
+    line with rate and ETA, and appends one JSON object to RUN/metrics.jsonl (and wandb, if on)."""
+
+    def __init__(self, run_dir, rank, cfg, step=0):
+        self.rank, self.run_dir, self.cfg, self.wandb = rank, run_dir, cfg, None
+        self.sums, self.t0, self.step0 = {}, time.time(), step
+        if rank == 0 and cfg['wandb']:
+            try:
+                import wandb
+            except ImportError:
+                fail('--wandb needs the wandb package: pip install wandb')
+            self.wandb = wandb.init(config=cfg, dir=run_dir, name=os.path.basename(run_dir))
+
+    def __call__(self, msg):
+        if self.rank == 0:
+            line = f'[{time.strftime("%H:%M:%S")}] {msg}'
+            print(line, flush=True)
+            with open(os.path.join(self.run_dir, 'log.txt'), 'a') as f:
+                f.write(line + '\n')
+
+    def add(self, values, weight=1.0):
+        """Add weight * value for each named scalar tensor; `weight` is 1/grad_accum for per-micro-batch terms."""
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0) + v.detach().float() * weight
+
+    def report(self, step):
+        """Average what was added since the last report over its optimizer steps and all ranks; log it."""
+        keys, n = list(self.sums), step - self.step0
+        means = all_mean(torch.stack([self.sums[k] for k in keys]) / n).tolist()
+        dt = time.time() - self.t0
+        rate = n * self.cfg['global_batch'] / dt
+        eta = (self.cfg['max_steps'] - step) * dt / n
+        values = dict(zip(keys, means), img_per_s=rate)
+        self(f"step {step}/{self.cfg['max_steps']} | " + ' | '.join(f'{k} {v:.4f}' for k, v in zip(keys, means)) +
+             f' | {rate:.1f} img/s | eta {format_time(eta)}')
+        if self.rank == 0:
+            with open(os.path.join(self.run_dir, 'metrics.jsonl'), 'a') as f:
+                f.write(json.dumps({'step': step, **values}) + '\n')
+            if self.wandb is not None:
+                self.wandb.log(values, step=step)
+        self.sums, self.t0, self.step0 = {}, time.time(), step
+
+
+# -----------------------------------------------------------------------------
+# Pixels: the one uint8 conversion, decoding, grids; then the SD-VAE
+
+def to_uint8(x, round=False):
+    """The repo's one pixel conversion: clamp to [-1, 1], (x + 1) * 127.5, then truncate to uint8 as REPA's,
+    HASTE's and REG's generate.py do (the protocol behind their FIDs), or round=True to round to nearest (DiT's;
+    truncation makes images half a grey level darker on average)."""
+    x = (x.float().clamp(-1, 1) + 1) * 127.5
+    return (x.round() if round else x).to(torch.uint8)
+
+
+def decode_latents(z, meta, vae=None, round=False):
+    """Scaled latents (N, C, h, w) -> uint8 images (N, 3, R, R) on CPU. Runs in the caller's autocast, if any."""
+    x = z.float() / meta['latent_scale']
+    return to_uint8(x, round).cpu() if vae is None else vae_decode_to_uint8(vae, x, round=round)
+
+
+def load_autoencoder(meta, device, path=None):
+    """The dataset's decoder: None for the toy set's identity, else the SD-VAE (hub name in dataset.json, or PATH)."""
+    return None if meta['autoencoder'] == 'identity' else load_vae(path or meta['autoencoder'], device)
+
+
+def save_grid(images, path, nrow):
+    """uint8 (N, 3, H, W) -> one PNG grid with 2 px gaps; tiny images (the toy set) are enlarged (nearest) to
+    at least 64 px so the grid is readable."""
+    from PIL import Image
+    scale = max(1, 64 // max(images.shape[-2:]))
+    images = images.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+    n, _, h, w = images.shape
+    ncol = math.ceil(n / nrow)
+    grid = np.zeros((ncol * (h + 2) + 2, nrow * (w + 2) + 2, 3), dtype=np.uint8)
+    for i, img in enumerate(images.cpu().numpy().transpose(0, 2, 3, 1)):
+        r, c = divmod(i, nrow)
+        grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + c * (w + 2): 2 + c * (w + 2) + w] = img
+    Image.fromarray(grid).save(path)
 
 
 # -----------------------------------------------------------------------------
@@ -693,216 +1016,9 @@ def load_vae(name_or_path='stabilityai/sd-vae-ft-ema', device='cpu'):
 
 
 @torch.no_grad()
-def vae_decode_to_uint8(vae, z, batch_size=32):
-    """Unscaled latents (N, 4, h, w) -> uint8 images (N, 3, 8h, 8w) on CPU, decoded batch_size at a time."""
+def vae_decode_to_uint8(vae, z, batch_size=32, round=False):
+    """Unscaled latents (N, 4, h, w) -> uint8 images (N, 3, 8h, 8w) on CPU, decoded batch_size at a time, in fp32
+    unless the caller runs it under autocast (sample.py --bf16)."""
     device = next(vae.parameters()).device
-    out = []
-    for zb in torch.as_tensor(z).split(batch_size):
-        # bf16 on CUDA: ~2x faster and the result is quantised to 8 bits anyway
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda'):
-            x = vae.decode(zb.to(device, torch.float32))  # (B, 3, 8h, 8w)
-        out.append(to_uint8(x).cpu())
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def vae_encode_moments(vae, images, batch_size=32):
-    """uint8 images (N, 3, H, W) -> float32 moments cat[mean, std] (N, 8, H/8, W/8) on CPU."""
-    device = next(vae.parameters()).device
-    out = []
-    for xb in torch.as_tensor(images).split(batch_size):
-        x = xb.to(device, torch.float32) / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
-        # no autocast: these moments become the training set, computed once; bf16 would keep ~3 digits (cuDNN may
-        # still use TF32 convolutions on Ampere+ unless torch.backends.cudnn.allow_tf32 is off, as in REPA's run)
-        out.append(vae.encode_moments(x).float().cpu())  # (B, 8, H/8, W/8)
-    return torch.cat(out)
-
-
-def center_crop_arr(pil_image, image_size):
-    """ADM / DiT / REPA center crop: PIL image -> uint8 (image_size, image_size, 3) RGB array."""
-    from PIL import Image
-    if pil_image.mode != 'RGB':  # L, RGBA (alpha dropped), CMYK, P, ...
-        pil_image = pil_image.convert('RGB')
-    # halve with a box filter while at least 2x too large (cheap anti-aliasing), then one bicubic resize
-    while min(*pil_image.size) >= 2 * image_size:
-        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
-    scale = image_size / min(*pil_image.size)
-    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
-    arr = np.array(pil_image)  # (H, W, 3), min(H, W) == image_size
-    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
-    return arr[top: top + image_size, left: left + image_size]
-
-
-# -----------------------------------------------------------------------------
-# Training helpers: distributed set-up, EMA, checkpoints, signals, logging
-
-
-def setup_distributed():
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python script.py` runs as one process, no group."""
-    if 'RANK' not in os.environ:
-        device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-        return 0, 1, device
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ['LOCAL_RANK']))
-    dist.init_process_group('nccl' if cuda else 'gloo')
-    device = torch.device('cuda', int(os.environ['LOCAL_RANK'])) if cuda else torch.device('cpu')
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def all_mean(x):
-    """Mean of a tensor over ranks (identity without a process group)."""
-    if dist.is_initialized():
-        x = x.clone()
-        dist.all_reduce(x)
-        x /= dist.get_world_size()
-    return x
-
-
-@torch.no_grad()
-def update_ema(ema, model, decay):
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
-
-
-def save_checkpoint(path, obj):
-    """Atomic: a crash mid-write leaves the previous file intact, never a truncated one."""
-    tmp = f'{path}.tmp'
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_weights(model, sd, what):
-    """Strict load_state_dict, but one readable line naming the mismatched keys instead of a multi-line error."""
-    ref = model.state_dict()
-    missing, unexpected = sorted(set(ref) - set(sd)), sorted(set(sd) - set(ref))
-    shape = [f'{k} {tuple(sd[k].shape)}!={tuple(ref[k].shape)}' for k in ref if k in sd and sd[k].shape != ref[k].shape]
-    if missing or unexpected or shape:
-        fail(f"{what}: {len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected "
-             f"(e.g. {unexpected[:3]}), {len(shape)} of wrong shape (e.g. {shape[:2]})")
-    model.load_state_dict(sd, strict=True)
-
-
-def load_checkpoint(path):
-    if not os.path.isfile(path):
-        fail(f"checkpoint '{path}' does not exist; pass the path to a .pt file (or a run folder to resume)")
-    import argparse
-    torch.serialization.add_safe_globals([argparse.Namespace])  # REPA's last.pt stores its args (plain values)
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        fail(f"cannot read checkpoint '{path}' ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
-
-
-def latest_checkpoint(run_dir):
-    d = os.path.join(run_dir, 'checkpoints')
-    files = sorted(f for f in os.listdir(d) if f.endswith('.pt')) if os.path.isdir(d) else []
-    return os.path.join(d, files[-1]) if files else None
-
-
-def rng_state(device):
-    state = {'cpu': torch.get_rng_state()}
-    if device.type == 'cuda':
-        state['cuda'] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state['cpu'])
-    if device.type == 'cuda':
-        torch.cuda.set_rng_state(state['cuda'], device)
-
-
-class StopFlag:
-    """SIGTERM (preemption) or SIGUSR1 (e.g. Slurm's --signal) asks the loop to save and exit at the next step.
-    Ranks agree through a CPU all-reduce so every rank stops at the same step (no GPU sync needed)."""
-
-    def __init__(self):
-        self.local = False
-        self.group = dist.new_group(backend='gloo') if dist.is_initialized() else None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.local = True
-
-    def __call__(self):
-        flag = torch.tensor([float(self.local)])
-        if self.group is not None:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(flag.item())
-
-
-def parse_config(defaults, presets, argv, doc, source):
-    """--key value overrides of a dict of named defaults; --preset NAME applies a named set first. The help text
-    of each flag is the comment on its line in the script's config block (`source`)."""
-    import argparse
-    import re
-    with open(source) as f:
-        notes = dict(re.findall(r'^\s+(\w+)=.*?#\s*(.+)$', f.read(), re.M))
-
-    def boolean(s):
-        if s.lower() not in ('1', 'true', 'yes', '0', 'false', 'no'):
-            raise argparse.ArgumentTypeError(f"expected true or false, got '{s}'")
-        return s.lower() in ('1', 'true', 'yes')
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--preset', choices=sorted(presets), help='; '.join(
-        f'{name}: ' + ', '.join(f'{k}={v}' for k, v in kv.items()) for name, kv in presets.items()))
-    for k, v in defaults.items():
-        if k == 'method':  # fixed by the script, not a flag
-            continue
-        kind = boolean if isinstance(v, bool) else type(v)
-        p.add_argument('--' + k.replace('_', '-'), type=kind, metavar=kind.__name__.upper(),
-                       help=f"{notes.get(k, '')} (default: {v if v != '' else 'none'})")
-    args = p.parse_args(argv)
-    cfg = dict(defaults)
-    if args.preset:
-        cfg.update(presets[args.preset])
-    cfg.update({k: v for k, v in vars(args).items() if v is not None and k != 'preset'})
-    return cfg
-
-
-def format_time(seconds):
-    seconds = int(seconds)
-    return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
-
-
-class Logger:
-    """Rank 0 prints to stdout and appends to RUN/log.txt; metrics go to RUN/metrics.jsonl (one JSON per line)."""
-
-    def __init__(self, run_dir, rank, use_wandb=False, config=None):
-        self.rank, self.run_dir, self.wandb = rank, run_dir, None
-        if rank == 0 and use_wandb:
-            try:
-                import wandb
-            except ImportError:
-                fail('--wandb needs the wandb package: pip install wandb')
-            self.wandb = wandb.init(config=config, dir=run_dir, name=os.path.basename(run_dir))
-
-    def __call__(self, msg):
-        if self.rank == 0:
-            line = f'[{time.strftime("%H:%M:%S")}] {msg}'
-            print(line, flush=True)
-            with open(os.path.join(self.run_dir, 'log.txt'), 'a') as f:
-                f.write(line + '\n')
-
-    def metrics(self, step, values):
-        if self.rank == 0:
-            with open(os.path.join(self.run_dir, 'metrics.jsonl'), 'a') as f:
-                f.write(json.dumps({'step': step, **values}) + '\n')
-            if self.wandb is not None:
-                self.wandb.log(values, step=step)
-
-
-def save_grid(images, path, nrow):
-    """uint8 (N, 3, H, W) -> one PNG grid with 2 px gaps; tiny images (the toy set) are enlarged (nearest) to
-    at least 64 px so the grid is readable."""
-    from PIL import Image
-    scale = max(1, 64 // max(images.shape[-2:]))
-    images = images.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
-    n, _, h, w = images.shape
-    ncol = math.ceil(n / nrow)
-    grid = np.zeros((ncol * (h + 2) + 2, nrow * (w + 2) + 2, 3), dtype=np.uint8)
-    for i, img in enumerate(images.cpu().numpy().transpose(0, 2, 3, 1)):
-        r, c = divmod(i, nrow)
-        grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + c * (w + 2): 2 + c * (w + 2) + w] = img
-    Image.fromarray(grid).save(path)
+    return torch.cat([to_uint8(vae.decode(zb.to(device, torch.float32)), round).cpu()  # (B, 3, 8h, 8w)
+                      for zb in torch.as_tensor(z).split(batch_size)])

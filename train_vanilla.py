@@ -12,10 +12,7 @@ train_vanilla.py: SiT trained by plain velocity matching (Ma et al., arXiv 2401.
 # Everything that differs between methods sits between `# >>> method` and `# <<< method`; the rest of this file is
 # the same in train_repa.py, train_haste.py, train_reg.py and train_carflow.py (compare them with diff).
 import copy
-import json
 import os
-import shutil
-import time
 
 import torch
 import torch.distributed as dist
@@ -32,7 +29,8 @@ config = dict(
     out='runs/{method}',           # run folder: log, metrics, config, checkpoints, preview grids
     resume='',                     # a checkpoint file, or a run folder (its newest checkpoint)
     model='SiT-XL/2',              # SiT-{S,B,L,XL}/{2,4,8}, or SiT-T/* (tiny, ours: toy data and tests)
-    global_batch=256,              # split evenly over ranks
+    global_batch=256,              # per optimizer step, split evenly over ranks and accumulation steps
+    grad_accum=1,                  # micro-batches per optimizer step (same update, less memory: 256 on 1-4 GPUs)
     lr=1e-4,                       # AdamW, constant, betas (0.9, 0.999), eps 1e-8, no weight decay
     grad_clip=1.0,                 # max global grad norm
     ema_decay=0.9999,              # every step, from a copy of the initial model
@@ -44,6 +42,7 @@ config = dict(
     preview_cfg=4.0,               # guidance scale of the preview grid only
     vae='',                        # decoder for previews: '' = the dataset's (hub download), or a local file/folder
     seed=0,                        # init and data order; rank r draws noise from seed * world + r
+    precision='auto',              # auto: bf16 autocast on CUDA, fp32 on CPU; or bf16 / fp32 on any device
     num_workers=4,                 # data loader processes per rank
     compile=False,                 # torch.compile the model (CUDA)
     wandb=False,                   # also log to Weights & Biases (pip install wandb)
@@ -53,8 +52,8 @@ presets = {  # --preset toy: the toy set on a laptop CPU in minutes
                 ema_decay=0.99, max_steps=1000, log_every=50, ckpt_every=500, sample_every=500, num_workers=0),
 }
 # keys that may change when resuming (everything else must match the checkpoint, or resume is not exact)
-RUN_KEYS = {'data_path', 'resume', 'max_steps', 'log_every', 'ckpt_every', 'sample_every', 'num_workers',
-            'compile', 'wandb', 'vae'}
+RUN_KEYS = {'data_path', 'out', 'resume', 'grad_accum', 'max_steps', 'log_every', 'ckpt_every', 'sample_every',
+            'vae', 'precision', 'num_workers', 'compile', 'wandb'}
 # >>> method: config
 config['method'] = 'vanilla'
 # <<< method
@@ -81,39 +80,17 @@ def main(argv=None):
     cfg = sit.parse_config(config, presets, argv, __doc__, __file__)
     rank, world, device = sit.setup_distributed()
     cuda = device.type == 'cuda'
-    if cuda:  # TF32 matmuls; bf16 autocast below; SDPA picks flash / memory-efficient kernels
+    if cuda:  # TF32 matmuls; SDPA picks flash / memory-efficient kernels
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if cfg['global_batch'] % world:
-        sit.fail(f"global batch {cfg['global_batch']} does not split over {world} ranks; pass --global-batch")
-    local_batch = cfg['global_batch'] // world
-
-    # resume: the checkpoint's config wins for everything that changes the math
-    ckpt = None
-    if cfg['resume']:
-        path = sit.latest_checkpoint(cfg['resume']) if os.path.isdir(cfg['resume']) else cfg['resume']
-        if path is None:
-            sit.fail(f"no checkpoints in '{cfg['resume']}/checkpoints'; pass a checkpoint file or drop --resume")
-        ckpt = sit.load_checkpoint(path)
-        if not isinstance(ckpt, dict) or ckpt.get('config', {}).get('method') != cfg['method']:
-            got = ckpt.get('config', {}).get('method') if isinstance(ckpt, dict) else None
-            sit.fail(f"'{path}' is a {got or 'non-training'} checkpoint, not {cfg['method']}; resume it with "
-                     f"train_{got}.py" if got else f"'{path}' is not a training checkpoint of this repo")
-        diff = {k: (ckpt['config'].get(k), v) for k, v in cfg.items()
-                if k not in RUN_KEYS and ckpt['config'].get(k) != v}
-        if diff:
-            sit.fail('resume would change ' + ', '.join(f'{k} ({a} -> {b})' for k, (a, b) in diff.items()) +
-                     '; pass the flags of the original run')
-    run_dir = cfg['out'].format(**cfg)
-    if rank == 0:
-        os.makedirs(os.path.join(run_dir, 'checkpoints'), exist_ok=True)
-        with open(os.path.join(run_dir, 'config.json'), 'w') as f:
-            json.dump(cfg, f, indent=1)
-        shutil.copy(os.path.abspath(__file__), run_dir)  # the exact code that produced the run
-    if world > 1:
-        dist.barrier()
-    log = sit.Logger(run_dir, rank, cfg['wandb'], cfg)
-    log(f"{cfg['method']}: {world} rank(s) on {device.type}, global batch {cfg['global_batch']}, run folder {run_dir}")
+    bf16 = sit.use_bf16(cfg['precision'], device)  # autocast of the SiT forward (a teacher runs in fp16)
+    accum = cfg['grad_accum']
+    micro_batch = sit.micro_batch_size(cfg['global_batch'], world, accum)
+    run_dir, ckpt = sit.resume_checkpoint(cfg, RUN_KEYS)  # the checkpoint's config wins for everything that matters
+    sit.create_run_dir(run_dir, cfg, __file__, rank, world)
+    log = sit.Logger(run_dir, rank, cfg, step=ckpt['step'] if ckpt else 0)
+    log(f"{cfg['method']}: {world} rank(s) on {device.type}{' (bf16)' if bf16 else ''}, global batch "
+        f"{cfg['global_batch']} = {world} x {accum} x {micro_batch}, run folder {run_dir}")
 
     # data
     # >>> method: data
@@ -122,9 +99,9 @@ def main(argv=None):
     meta = dataset.meta
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg['seed'],
                                  drop_last=True)
-    steps_per_epoch = len(sampler) // local_batch
+    steps_per_epoch = len(sampler) // (accum * micro_batch)
     if steps_per_epoch == 0:
-        sit.fail(f"{len(dataset)} images give no full batch of {local_batch} per rank; lower --global-batch")
+        sit.fail(f"{len(dataset)} images give no full batch of {accum * micro_batch} per rank; lower --global-batch")
 
     # model, EMA, optimizer (same initial weights on every rank; DDP would broadcast rank 0's anyway)
     torch.manual_seed(cfg['seed'])
@@ -139,20 +116,11 @@ def main(argv=None):
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg['lr'], betas=(0.9, 0.999),
                             eps=1e-8, weight_decay=0.0, fused=cuda)
-    step = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt['model'])
-        ema.load_state_dict(ckpt['ema'])
-        opt.load_state_dict(ckpt['opt'])
-        step = ckpt['step']
-        if len(ckpt['rng']) == world:
-            sit.set_rng_state(ckpt['rng'][rank], device)
-        else:  # another world size cannot replay the same noise; the data order still continues
-            log(f"warning: checkpoint has {len(ckpt['rng'])} rank RNG states, this run {world}: resume is not bitwise")
-            torch.manual_seed(cfg['seed'] * world + rank + step)
-        log(f'resumed from {path} at step {step}')
+        step = sit.restore(ckpt, model, ema, opt, device, log)  # weights, optimizer, step, this rank's RNG
         del ckpt
     else:
+        step = 0
         torch.manual_seed(cfg['seed'] * world + rank)  # each rank draws its own t and noise
     log(f"{cfg['model']}: {sum(p.numel() for p in model.parameters()):,} parameters, data {meta['count']:,} "
         f"images of {meta['latent_channels']}x{meta['latent_size']}x{meta['latent_size']} latents")
@@ -161,13 +129,15 @@ def main(argv=None):
         net = DDP(net, device_ids=[device.index] if cuda else None)
 
     def batches(step):
-        """The order is a function of (seed, epoch) only, so a resumed run continues mid-epoch exactly."""
+        """Micro-batches in an order that is a function of (seed, epoch) only, so a resumed run continues
+        mid-epoch exactly (also with another --grad-accum)."""
         epoch, skip = divmod(step, steps_per_epoch)
+        per_step = accum * micro_batch
         while True:
             sampler.set_epoch(epoch)
-            indices = list(sampler)[skip * local_batch:]
+            indices = list(sampler)[skip * per_step: steps_per_epoch * per_step]
             # its own generator: a loader draws a worker seed when it starts, which must not shift the global RNG
-            yield from DataLoader(dataset, batch_size=local_batch, sampler=indices, num_workers=cfg['num_workers'],
+            yield from DataLoader(dataset, batch_size=micro_batch, sampler=indices, num_workers=cfg['num_workers'],
                                   pin_memory=cuda, drop_last=True, generator=torch.Generator().manual_seed(epoch))
             epoch, skip = epoch + 1, 0
 
@@ -179,68 +149,48 @@ def main(argv=None):
     vae = sit.load_autoencoder(meta, device, cfg['vae'] or None) if rank == 0 and cfg['sample_every'] else None
 
     def preview(step):
-        with torch.autocast('cuda', torch.bfloat16, enabled=cuda):
-            z = sit.euler_sampler(ema, preview_noise.to(device), preview_labels.to(device), num_steps=50,
-                                  cfg_scale=cfg['preview_cfg'])
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            z = sit.sample(ema, preview_noise.to(device), preview_labels.to(device), mode='ode', num_steps=50,
+                           cfg_scale=cfg['preview_cfg'])
+            images = sit.decode_latents(z, meta, vae)
         path = os.path.join(run_dir, f'preview_{step:07d}.png')
-        sit.save_grid(sit.decode_latents(z, meta, vae), path, n_cols)
+        sit.save_grid(images, path, n_cols)
         log(f'preview grid -> {path}')
-
-    def checkpoint(step):
-        rngs = [None] * world
-        if world > 1:
-            dist.all_gather_object(rngs, sit.rng_state(device))
-        else:
-            rngs = [sit.rng_state(device)]
-        if rank == 0:
-            path = os.path.join(run_dir, 'checkpoints', f'{step:07d}.pt')
-            sit.save_checkpoint(path, dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                                           step=step, config=cfg, model_args=model_args, rng=rngs))
-            log(f'checkpoint -> {path}')
 
     # -------------------------------------------------------------------------
     # training loop
     stop = sit.StopFlag()  # installed before the loaders fork, so their workers ignore the signal too
     data = batches(step)
     net.train()
-    sums, n_sum, t_log, step_log = {}, 0, time.time(), step
     while step < cfg['max_steps']:
-        # >>> method: batch
-        moments, y = (b.to(device, non_blocking=True) for b in next(data))
-        # <<< method
-        x = sit.sample_latents(moments, meta['latent_scale'])                # (N, C, h, w)
-        y = sit.drop_labels(y, cfg['label_dropout'], meta['num_classes'])     # once, here (REPA's --legacy: twice)
-        with torch.autocast('cuda', torch.bfloat16, enabled=cuda):
-            # >>> method: loss call
-            loss, terms = compute_loss(net, x, y)
-            # <<< method
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        for i in range(accum):
+            # >>> method: batch
+            moments, y = (b.to(device, non_blocking=True) for b in next(data))
+            # <<< method
+            x = sit.sample_latents(moments, meta['latent_scale'])            # (N, C, h, w)
+            y = sit.drop_labels(y, cfg['label_dropout'], meta['num_classes'])  # once, here (REPA's --legacy: twice)
+            with sit.grad_sync(net, enabled=i == accum - 1):                   # all-reduce on the last micro-batch
+                with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+                    # >>> method: loss call
+                    loss, terms = compute_loss(net, x, y)
+                    # <<< method
+                (loss / accum).backward()
+            log.add({'loss': loss, **terms}, weight=1 / accum)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'])
         opt.step()
         sit.update_ema(ema, model, cfg['ema_decay'])
         step += 1
 
-        # accumulate on device; reduce over ranks only when logging
-        for k, v in {'loss': loss, 'grad_norm': grad_norm, **terms}.items():
-            sums[k] = sums.get(k, 0) + v.detach().float()
-        n_sum += 1
+        log.add({'grad_norm': grad_norm})
         if step % cfg['log_every'] == 0 or step == cfg['max_steps']:
-            keys = list(sums)
-            means = sit.all_mean(torch.stack([sums[k] for k in keys]) / n_sum).tolist()
-            dt = time.time() - t_log
-            rate = (step - step_log) * cfg['global_batch'] / dt
-            eta = (cfg['max_steps'] - step) * dt / (step - step_log)
-            values = dict(zip(keys, means), img_per_s=rate)
-            log(f"step {step}/{cfg['max_steps']} | " + ' | '.join(f'{k} {v:.4f}' for k, v in zip(keys, means)) +
-                f' | {rate:.1f} img/s | eta {sit.format_time(eta)}')
-            log.metrics(step, values)
-            sums, n_sum, t_log, step_log = {}, 0, time.time(), step
+            log.report(step)
         if rank == 0 and cfg['sample_every'] and (step % cfg['sample_every'] == 0 or step == cfg['max_steps']):
             preview(step)
         stopping = stop()
         if step % cfg['ckpt_every'] == 0 or step == cfg['max_steps'] or stopping:
-            checkpoint(step)
+            sit.save_training_state(run_dir, step, log, device, model=model, ema=ema, opt=opt, config=cfg,
+                                    model_args=model_args)
         if stopping:
             log(f'stopped by signal at step {step}; continue with --resume {run_dir}')
             break

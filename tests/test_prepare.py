@@ -89,11 +89,11 @@ def test_imagenet_folder(folder, vae_file, prepared):
         x, m, y = ds[i]
         assert y == i // 3  # sorted folders -> 0..K-1, files sorted within a class
         with Image.open(f) as im:
-            crop = sit.center_crop_arr(im, R).transpose(2, 0, 1)  # (3, R, R), whatever the mode (CMYK, RGBA, P, L)
+            crop = prepare.center_crop_arr(im, R).transpose(2, 0, 1)  # (3, R, R), whatever the mode (CMYK, RGBA, P, L)
         assert x.dtype == torch.uint8 and np.array_equal(x.numpy(), crop), f
         images.append(x)
     # the moments are the VAE's on exactly those crops (computed here in one batch of 9, there in batches of 2)
-    ref = sit.vae_encode_moments(sit.load_vae(vae_file), torch.stack(images))
+    ref = prepare.vae_encode_moments(sit.load_vae(vae_file), torch.stack(images))
     got = torch.from_numpy(load(prepared)['moments'])
     assert got.dtype == torch.float32 and got.shape == (9, 8, R // 8, R // 8)
     assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
@@ -118,7 +118,7 @@ def test_two_ranks_equal_one(folder, vae_file, prepared, tmp_path):
 
 def test_resume_after_crash(folder, vae_file, prepared, tmp_path, monkeypatch):
     out = tmp_path / 'resumed'
-    encode, encoded = sit.vae_encode_moments, []
+    encode, encoded = prepare.vae_encode_moments, []
 
     def crash_on_third_batch(vae, x, batch_size=32):
         if len(encoded) == 2:  # chunk 0 (2 batches of 2) is on disk, chunk 1 is under way
@@ -126,7 +126,7 @@ def test_resume_after_crash(folder, vae_file, prepared, tmp_path, monkeypatch):
         encoded.append(len(x))
         return encode(vae, x, batch_size)
 
-    monkeypatch.setattr(sit, 'vae_encode_moments', crash_on_third_batch)
+    monkeypatch.setattr(prepare, 'vae_encode_moments', crash_on_third_batch)
     with pytest.raises(RuntimeError, match='simulated crash'):
         run(folder, out, vae_file)
     assert json.load(open(out / 'progress_rank0.json')) == [0]
@@ -139,7 +139,7 @@ def test_resume_after_crash(folder, vae_file, prepared, tmp_path, monkeypatch):
         encoded.append(len(x))
         return encode(vae, x, batch_size)
 
-    monkeypatch.setattr(sit, 'vae_encode_moments', count)
+    monkeypatch.setattr(prepare, 'vae_encode_moments', count)
     encoded.clear()
     run(folder, out, vae_file, '--batch-size', '3')  # the batch size may change on resume
     assert sum(encoded) == 5  # only chunks 1 (4 images) and 2 (1 image)
@@ -172,7 +172,7 @@ def test_bad_files(folder, vae_file, tmp_path, capsys):
     ds = sit.PreparedDataset(str(tmp_path / 'skip'), images=True)
     assert len(ds) == 3 and load(tmp_path / 'skip')['labels'].tolist() == [0, 1, 1]
     with Image.open(src / 'n02' / 'b.JPEG') as im:
-        assert np.array_equal(ds[2][0].numpy(), sit.center_crop_arr(im, R).transpose(2, 0, 1))
+        assert np.array_equal(ds[2][0].numpy(), prepare.center_crop_arr(im, R).transpose(2, 0, 1))
 
 
 def test_limit_and_classes(folder, vae_file, prepared, tmp_path):

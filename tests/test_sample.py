@@ -8,13 +8,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, free_port, one_line_error
 
 import prepare
 import sample
 import sit
 import train_vanilla
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ['--num-steps', '4', '--batch-size', '3']
 
 
@@ -62,7 +62,7 @@ def test_npz_two_processes_equal_one(env):
     flags = ['--ckpt', env['ckpt'], '--num-samples', '7', '--batch-size', '2', '--num-steps', '4',
              '--mode', 'sde', '--cfg-scale', '1.8', '--guidance-high', '0.7']
     two, one = env['tmp'] / 'two', env['tmp'] / 'one'
-    subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29731',
+    subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}',
                     'sample.py', *flags, '--sample-dir', str(two)], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'),
                    check=True, capture_output=True)
     sample.main(flags + ['--sample-dir', str(one)])  # in this process, also one thread (see env)
@@ -88,15 +88,31 @@ def test_resume_regenerates_only_missing(env):
     assert not [f for f in os.listdir(folder) if not f.endswith('.png')]  # no tmp files left behind
 
 
-def test_class_balanced_labels(env):
-    """--class-balanced: 20 samples of 10 classes, 2 per class; the same noise as uniform labels."""
+def test_class_balanced_labels(env, monkeypatch):
+    """--class-balanced: 20 samples of 10 classes, 2 per class, in the run itself; the same noise as uniform labels."""
     y = sample.balanced_labels(20, 10, seed=0)
     assert torch.bincount(y).tolist() == [2] * 10 and not torch.equal(y, torch.arange(20) % 10)
     assert torch.equal(y, sample.balanced_labels(20, 10, seed=0))
     z1, y1 = sample.draw_inputs(range(4), 0, (3, 16, 16), 10)
     z2, y2 = sample.draw_inputs(range(2, 4), 0, (3, 16, 16), 10)
     assert torch.equal(z1[2:], z2) and torch.equal(y1[2:], y2)  # keyed by global index
-    run(env['ckpt'], env['tmp'] / 'bal', '--num-samples', '4', '--mode', 'ode', '--class-balanced')
+    seen, real = [], sit.sample
+    monkeypatch.setattr(sit, 'sample', lambda net, z, y, **kw: seen.append(y) or real(net, z, y, **kw))
+    run(env['ckpt'], env['tmp'] / 'bal', '--num-samples', '20', '--mode', 'ode', '--num-steps', '1', '--class-balanced')
+    assert torch.bincount(torch.cat(seen), minlength=10).tolist() == [2] * 10
+
+
+def test_precision_and_pixel_protocol(env, reference):
+    """Default = REPA's generate.py: fp32 and truncated pixels. --round rounds the same values (never darker,
+    at most one level brighter); --bf16 runs the network under bf16 autocast (the GPU code path) and moves pixels."""
+    common = ['--num-samples', '5', '--mode', 'ode', '--cfg-scale', '2']
+    rounded = npz(run(env['ckpt'], env['tmp'] / 'round', *common, '--round'))
+    diff = rounded.astype(int) - reference.astype(int)
+    inner = (reference > 0) & (reference < 254)                               # not clamped
+    assert diff.min() == 0 and diff.max() == 1 and 0.3 < diff[inner].mean() < 0.7   # ~half round up
+    bf16 = run(env['ckpt'], env['tmp'] / 'bf16', *common, '--bf16')
+    assert bf16.endswith('-bf16') and not np.array_equal(npz(bf16), reference)
+    assert np.abs(npz(bf16).astype(int) - reference.astype(int)).mean() < 8
 
 
 def test_our_repa_checkpoint_samples(env, reference):
@@ -151,7 +167,7 @@ def test_sit_convention_flag(env, monkeypatch, mode):
 
     def draw(model):
         sample.seed_batch(0, 0)
-        return sample.run_sampler(model, z, y, args)
+        return sit.sample(model, z, y, mode=mode, num_steps=4, cfg_scale=2, guidance_high=0.7)
     a, b = draw(ours), draw(flipped)
     assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
     assert (draw(unflipped) - a).abs().max() > 0.1  # without the flag the same weights sample something else
@@ -180,11 +196,7 @@ def test_grid(env, capsys):
 
 
 def error(argv):
-    with pytest.raises(SystemExit) as e:
-        sample.main(argv)
-    msg = str(e.value.code)
-    assert msg.startswith('error: ') and '\n' not in msg
-    return msg
+    return one_line_error(sample.main, argv)
 
 
 def test_one_line_errors(env, tmp_path):

@@ -196,13 +196,50 @@ def test_sde_noise_matters_and_last_step_is_mean():
     assert [c[0] for c in model.calls[-50:]] == pytest.approx(list(np.linspace(1, 0.04, 50)))
 
 
+def euler_by_hand(model, z, y, ts, velocity):
+    x = z.clone()
+    for t0, t1 in zip(ts[:-1], ts[1:]):
+        x = x + (t1 - t0) * velocity(x, torch.full((x.shape[0],), t0), t0)
+    return x
+
+
 def test_cfg_scale_one_is_no_cfg():
+    """Scale 1 inside a guidance interval is the plain conditional sampler, without a doubled batch."""
     model, z, y = gaussian_case(500)
-    a = sit.euler_sampler(model, z, y, num_steps=10)
-    n_calls = len(model.calls)
-    b = sit.euler_sampler(model, z, y, num_steps=10, cfg_scale=1.0)
-    assert torch.equal(a, b)
-    assert all(bs == 500 for _, bs in model.calls[n_calls:])   # and no doubled batch
+    x = sit.euler_sampler(model, z, y, num_steps=10, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0)
+    assert all(bs == 500 for _, bs in model.calls)
+    ref = euler_by_hand(model, z, y, np.linspace(1, 0, 11), lambda x, tv, t: model(x, tv, y)[0])
+    assert torch.allclose(x, ref, atol=1e-5)
+    # and it is not what an unconditional sampler gives
+    null = torch.full_like(y, 2)
+    assert not torch.allclose(x, euler_by_hand(model, z, y, np.linspace(1, 0, 11),
+                                               lambda x, tv, t: model(x, tv, null)[0]), atol=1e-2)
+
+
+def test_heun_decides_the_interval_once_per_step():
+    """REPA's rule: both evaluations of a Heun step are guided iff t_cur is in the interval (t_next is not looked
+    at). With the interval's upper end between t_cur and t_next of a step, the other rule gives another answer."""
+    model, z, y = gaussian_case(300)
+    s, hi, n = 3.0, 0.65, 5                            # grid 1, .8, .6, .4, .2, 0: step .8 -> .6 straddles .65
+    x = sit.euler_sampler(model, z, y, num_steps=n, heun=True, cfg_scale=s, guidance_high=hi)
+    null = torch.full_like(y, 2)
+
+    def v(x, t, guided):
+        tv = torch.full((x.shape[0],), t)
+        vc, vu = model(x, tv, y)[0], model(x, tv, null)[0]
+        return vu + s * (vc - vu) if guided else vc
+
+    def heun(rule):
+        ref, ts = z.clone(), np.linspace(1, 0, n + 1)
+        for i, (t0, t1) in enumerate(zip(ts[:-1], ts[1:])):
+            d0 = v(ref, t0, t0 <= hi)
+            nxt = ref + (t1 - t0) * d0
+            if i < n - 1:                                  # no correction on the last step
+                nxt = ref + (t1 - t0) * 0.5 * (d0 + v(nxt, t1, (t0 if rule == 'cur' else t1) <= hi))
+            ref = nxt
+        return ref
+    assert torch.allclose(x, heun('cur'), atol=1e-5)
+    assert not torch.allclose(x, heun('next'), atol=1e-3)
 
 
 def test_cfg_formula_and_interval():
@@ -285,8 +322,10 @@ def test_sample_latents_and_decode():
     r = z / 0.18215 - mean
     assert abs(r.std().item() - 0.5) < 0.02 and abs(r.mean().item()) < 0.02
     meta = dict(latent_scale=1.0, autoencoder='identity')
-    img = sit.decode_latents(torch.tensor([-2.0, -1.0, 0.0, 0.999, 1.0, 3.0]).view(1, 1, 2, 3), meta)
-    assert img.flatten().tolist() == [0, 0, 128, 255, 255, 255]  # clamp, (x + 1) * 127.5, round (0 -> 127.5 -> 128)
+    x = torch.tensor([-2.0, -1.0, 0.0, 0.999, 1.0, 3.0]).view(1, 1, 2, 3)
+    # clamp, (x + 1) * 127.5, then truncate as REPA's generate.py (0 -> 127.5 -> 127) or round (-> 128)
+    assert sit.decode_latents(x, meta).flatten().tolist() == [0, 0, 127, 254, 255, 255]
+    assert sit.decode_latents(x, meta, round=True).flatten().tolist() == [0, 0, 128, 255, 255, 255]
 
 
 def test_toy_is_deterministic_and_class_conditional(tmp_path):

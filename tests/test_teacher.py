@@ -6,6 +6,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from conftest import one_line_error
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sit import DINOV2, Teacher, load_teacher
@@ -13,11 +14,8 @@ from sit import DINOV2, Teacher, load_teacher
 GRID = 4  # 56 px teacher input keeps ViT-S/14 fast on CPU
 
 
-def one_line_exit(excinfo, *words):
-    msg = str(excinfo.value.code)
-    assert msg and '\n' not in msg, msg
-    for w in words:
-        assert w in msg, msg
+def says(msg, *words):
+    assert all(w in msg for w in words), msg
 
 
 @pytest.fixture(scope='module')
@@ -39,6 +37,21 @@ def test_frozen_shapes(teacher, images):
     assert set(out) == {'patch', 'cls'}
     assert out['patch'].shape == (2, GRID * GRID, 384) and out['cls'].shape == (2, 384)
     assert out['patch'].dtype == torch.float32 and not out['patch'].requires_grad
+
+
+def test_fp16_teacher(teacher, images):
+    """fp16=True (what training in mixed precision uses): the forward runs under fp16 autocast, targets and
+    logits come back in fp32 and close to the fp32 teacher's; fp16=False stays exact fp32 even inside an
+    enclosing bf16 autocast (the training loop's)."""
+    half = Teacher(teacher.vit, GRID, fp16=True)
+    ref, got = teacher(images, attn_blocks=(1,)), half(images, attn_blocks=(1,))
+    assert got['patch'].dtype == got['attn'][0].dtype == torch.float32
+    assert not torch.equal(got['patch'], ref['patch'])                     # fp16 really ran
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()
+    assert rel(got['patch'], ref['patch']) < 3e-3 and rel(got['attn'][0], ref['attn'][0]) < 3e-3
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        shielded = teacher(images)
+    assert torch.equal(shielded['patch'], ref['patch'])
 
 
 def test_preprocess_by_hand(teacher, images):
@@ -125,15 +138,12 @@ def test_local_weights(tmp_path, teacher):
     t = load_teacher('dinov2-s', weights=str(path), grid=GRID)
     assert t.vit.pos_embed.shape == (1, 1 + GRID * GRID, 384)
     torch.testing.assert_close(t.vit.blocks[3].attn.qkv.weight, src.blocks[3].attn.qkv.weight)
-    with pytest.raises(SystemExit) as e:
-        load_teacher('dinov2-s', weights=str(tmp_path / 'missing.pth'), grid=GRID)
-    one_line_exit(e, 'missing.pth')
+    missing = str(tmp_path / 'missing.pth')
+    says(one_line_error(lambda: load_teacher('dinov2-s', weights=missing, grid=GRID)), 'missing.pth')
 
 
 def test_unknown_name():
-    with pytest.raises(SystemExit) as e:
-        load_teacher('dinov3-b', weights='random')
-    one_line_exit(e, 'dinov3-b', *DINOV2)
+    says(one_line_error(lambda: load_teacher('dinov3-b', weights='random')), 'dinov3-b', *DINOV2)
 
 
 def test_offline_hub(monkeypatch):
@@ -145,17 +155,12 @@ def test_offline_hub(monkeypatch):
         return real(name, pretrained=False, **kw)
 
     monkeypatch.setattr(timm, 'create_model', fake)
-    with pytest.raises(SystemExit) as e:
-        load_teacher('dinov2-b', grid=GRID)
-    one_line_exit(e, 'timm/vit_base_patch14_dinov2.lvd142m', '--enc-ckpt')
+    msg = one_line_error(lambda: load_teacher('dinov2-b', grid=GRID))
+    says(msg, 'timm/vit_base_patch14_dinov2.lvd142m', '--enc-ckpt')
 
 
 def test_grid_mismatch(teacher, images):
     vit = timm.create_model(DINOV2['dinov2-s'], pretrained=False, num_classes=0, img_size=56)
-    with pytest.raises(SystemExit) as e:
-        Teacher(vit, grid=5)(images)  # ViT built for 4x4, caller expects 5x5
-    one_line_exit(e, '5x5')
+    says(one_line_error(lambda: Teacher(vit, grid=5)(images)), '5x5')  # ViT built for 4x4, caller expects 5x5
     vit16 = timm.create_model('vit_tiny_patch16_224', pretrained=False, num_classes=0, img_size=64)
-    with pytest.raises(SystemExit) as e:
-        Teacher(vit16, grid=4)(images)  # 16 px patches are not DINOv2's 14
-    one_line_exit(e, '14 px')
+    says(one_line_error(lambda: Teacher(vit16, grid=4)(images)), '14 px')  # 16 px patches are not DINOv2's 14

@@ -7,21 +7,15 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, one_line_error, tiny_method_flags, torchrun
 
 import prepare
 import sit
 import train_vanilla
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = sorted(f[:-3] for f in os.listdir(ROOT) if f.startswith('train_') and f.endswith('.py'))
 TINY = ['--model', 'SiT-T/8', '--global-batch', '16', '--lr', '1e-3', '--ema-decay', '0.9', '--log-every', '2',
         '--num-workers', '0', '--sample-every', '0', '--ckpt-every', '1000']
-
-
-@pytest.fixture(scope='module')
-def toy(tmp_path_factory):
-    path = tmp_path_factory.mktemp('data') / 'toy'
-    prepare.prepare_toy(str(path), per_class=12, resolution=16, seed=0)   # 120 images: 7 steps per epoch
-    return str(path)
 
 
 def run(toy, out, *extra):
@@ -113,23 +107,77 @@ def test_dataset_model_mismatch(toy, tmp_path):
 
 
 def test_torchrun_two_ranks(toy, tmp_path):
-    """2 processes (gloo): the loss falls and both ranks end with identical weights."""
-    script = tmp_path / 'wrap.py'
-    script.write_text(
-        'import os, sys, torch\nsys.path.insert(0, %r)\nimport train_vanilla\n'
-        'model = train_vanilla.main(sys.argv[1:])\n'
-        'torch.save(model.state_dict(), os.path.join(%r, "rank%%s.pt" %% os.environ["RANK"]))\n'
-        % (ROOT, str(tmp_path)))
+    """2 processes (gloo) with 2 accumulation steps: the loss falls and both ranks end with identical weights (a
+    missing all-reduce on the last micro-batch, or one on every micro-batch, would show here)."""
     out = tmp_path / 'ddp'
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29533', str(script),
-           '--data-path', toy, '--out', str(out), *TINY, '--max-steps', '30', '--log-every', '5', '--sample-every', '30']
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    r = torchrun(tmp_path, 'train_vanilla', ['--data-path', toy, '--out', out, *TINY, '--max-steps', '30',
+                                             '--log-every', '5', '--sample-every', '30', '--grad-accum', '2'])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert '2 rank(s)' in r.stdout and os.path.exists(out / 'preview_0000030.png')
+    assert '2 rank(s)' in r.stdout and 'global batch 16 = 2 x 2 x 4' in r.stdout
+    assert os.path.exists(out / 'preview_0000030.png')
     w0, w1 = (torch.load(tmp_path / f'rank{i}.pt', weights_only=True) for i in (0, 1))
     assert all(torch.equal(v, w1[k]) for k, v in w0.items())
     losses = [json.loads(l)['loss'] for l in open(out / 'metrics.jsonl')]
     assert losses[-1] < 0.9 * losses[0], losses
+
+
+def content_keyed_loss(model, x, y):
+    """train_vanilla's loss with t and eps derived from each sample's content instead of the RNG, so how a batch is
+    split into micro-batches cannot change what is drawn."""
+    t = torch.sigmoid(10 * x.mean(dim=(1, 2, 3)))                            # (N,)
+    eps = torch.sin(7 * x + 1)                                               # (N, C, H, W)
+    t_ = t.view(-1, 1, 1, 1)
+    v_pred, _ = model((1 - t_) * x + t_ * eps, t, y)
+    return ((v_pred.float() - (eps - x)) ** 2).mean(), {}
+
+
+def test_grad_accum_gives_the_same_update(toy, tmp_path, monkeypatch):
+    """--grad-accum 2 with half the micro-batch = one batch of 16, to float tolerance (clip, AdamW and EMA once
+    per optimizer step; the loss is scaled by 1/N). The logged loss is the mean over the micro-batches."""
+    monkeypatch.setattr(train_vanilla, 'compute_loss', content_keyed_loss)
+    flags = ['--max-steps', '3', '--label-dropout', '0', '--log-every', '3', '--grad-clip', '0.05']
+    a = run(toy, tmp_path / 'a', *flags)
+    b = run(toy, tmp_path / 'b', *flags, '--grad-accum', '2')
+    c = run(toy, tmp_path / 'c', *flags, '--grad-accum', '4', '--global-batch', '8')   # another batch: differs
+    for k, v in a.state_dict().items():
+        assert torch.allclose(v, b.state_dict()[k], atol=1e-6, rtol=1e-5), k
+    assert any(not torch.allclose(v, c.state_dict()[k], atol=1e-4) for k, v in a.state_dict().items())
+    ma, mb = (json.loads(open(tmp_path / d / 'metrics.jsonl').read()) for d in 'ab')
+    assert ma['loss'] == pytest.approx(mb['loss'], rel=1e-5)
+    assert ma['grad_norm'] == pytest.approx(mb['grad_norm'], rel=1e-5)        # AdamW alone would hide a 2x
+    ema = [torch.load(tmp_path / d / 'checkpoints' / '0000003.pt', weights_only=True)['ema'] for d in 'ab']
+    assert all(torch.allclose(v, ema[1][k], atol=1e-6, rtol=1e-5) for k, v in ema[0].items())
+
+
+def test_grad_accum_resume_is_exact(toy, tmp_path):
+    a = run(toy, tmp_path / 'a', '--max-steps', '8', '--grad-accum', '2')
+    run(toy, tmp_path / 'b', '--max-steps', '3', '--grad-accum', '2')
+    b = run(toy, tmp_path / 'b', '--max-steps', '8', '--grad-accum', '2', '--resume', str(tmp_path / 'b'))
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_toy_preset_runs(toy, tmp_path, script):
+    """What the README's demo runs: each script's --preset toy, for one step (and its checkpoint)."""
+    train = __import__(script)
+    train.main(['--preset', 'toy', '--data-path', toy, '--out', str(tmp_path / 'run'), '--max-steps', '1',
+                '--sample-every', '0'])
+    ckpt = torch.load(sit.latest_checkpoint(str(tmp_path / 'run')), weights_only=True)
+    assert ckpt['step'] == 1 and ckpt['config']['model'] == 'SiT-T/2' and ckpt['config']['global_batch'] == 64
+
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_bf16_autocast_path_runs_on_cpu(toy, tmp_path, script, capsys):
+    """--precision bf16 runs the CUDA code path on the CPU: bf16 autocast of the student, fp16 of a teacher, the
+    preview under autocast, checkpoint and resume. A dtype mismatch there fails here, not first on a GPU."""
+    train = __import__(script)
+    args = ['--data-path', toy, '--out', str(tmp_path / 'run'), *TINY, *tiny_method_flags(train), '--precision',
+            'bf16', '--sample-every', '2']
+    train.main(args + ['--max-steps', '2'])
+    model = train.main(args + ['--max-steps', '3', '--resume', str(tmp_path / 'run')])
+    assert '(bf16)' in capsys.readouterr().out
+    assert os.path.exists(tmp_path / 'run' / 'preview_0000002.png')
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())  # fp32 masters
 
 
 def test_sigterm_saves_and_exits(toy, tmp_path):
@@ -147,3 +195,30 @@ def test_sigterm_saves_and_exits(toy, tmp_path):
     ckpt = sit.latest_checkpoint(str(out))
     step = torch.load(ckpt, weights_only=True)['step']
     assert step >= 3 and ckpt.endswith(f'{step:07d}.pt')
+
+
+# -----------------------------------------------------------------------------
+# the config block: named defaults, presets, --key value overrides, --help from the comments
+
+def test_parse_config_presets_overrides_and_types():
+    parse = lambda *argv: sit.parse_config(train_vanilla.config, train_vanilla.presets, list(argv), 'doc',
+                                           train_vanilla.__file__)
+    assert parse() == train_vanilla.config                                  # the paper's settings
+    cfg = parse('--preset', 'toy', '--max-steps', '5', '--lr', '3e-4')
+    assert (cfg['model'], cfg['global_batch'], cfg['max_steps'], cfg['lr']) == ('SiT-T/2', 64, 5, 3e-4)
+    assert parse('--compile', 'true')['compile'] is True and parse('--compile', 'False')['compile'] is False
+    for bad in (['--compile', 'yes'], ['--compile', '1'], ['--no-such-key', '1'], ['--lr', 'fast'],
+                ['--preset', 'huge']):
+        with pytest.raises(SystemExit) as e:
+            parse(*bad)
+        assert e.value.code == 2, bad                                       # argparse's usage error
+
+
+def test_help_reads_the_config_comments(capsys):
+    with pytest.raises(SystemExit) as e:
+        train_vanilla.main(['--help'])
+    out = ' '.join(capsys.readouterr().out.split())                          # argparse wraps lines
+    assert e.value.code == 0
+    assert '--grad-accum INT micro-batches per optimizer step' in out and '(default: 1)' in out
+    assert '--compile BOOLEAN torch.compile the model (CUDA) (default: False)' in out
+    assert 'toy: data_path=data/toy' in out and '--method' not in out
