@@ -63,13 +63,7 @@ def open_arrays(out, count, resolution, latent_channels, latent_size, moments_dt
 
 def write_meta(out, **meta):
     """dataset.json is written last: its presence marks a finished dataset."""
-    _write_json(os.path.join(out, 'dataset.json'), {'format': sit.DATASET_FORMAT, **meta})
-
-
-def _write_json(path, obj):
-    with open(path + '.tmp', 'w') as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + '.tmp', path)  # atomic: a kill mid-write keeps the previous file
+    sit.write_json(os.path.join(out, 'dataset.json'), {'format': sit.DATASET_FORMAT, **meta})
 
 
 # -----------------------------------------------------------------------------
@@ -140,6 +134,14 @@ def draw_toy(label, rng, resolution=16, supersample=4):
 def prepare_toy(out, per_class=500, resolution=16, seed=0):
     num_classes = len(TOY_CLASSES)
     count = num_classes * per_class
+    toy = dict(per_class=per_class, seed=seed)
+    if os.path.isdir(out) and os.listdir(out):  # never overwrite a folder; the same set again is a no-op
+        meta = _read_json(os.path.join(out, 'dataset.json')) or {}
+        if meta.get('toy') == toy and meta.get('resolution') == resolution:
+            print(f"'{out}' already holds this toy set ({count} images, {resolution}px, seed {seed}); nothing to do")
+            return
+        sit.fail(f"--out '{out}' is not empty and does not hold this toy set; pass another --out, or delete the "
+                 f"folder to draw the toy set again")
     rng = np.random.default_rng(seed)
     labels = rng.permutation(np.arange(count) % num_classes)
     arrays = open_arrays(out, count, resolution, 3, resolution, np.float32)
@@ -153,7 +155,7 @@ def prepare_toy(out, per_class=500, resolution=16, seed=0):
         a.flush()
     write_meta(out, resolution=resolution, autoencoder='identity', latent_scale=1.0, latent_channels=3,
                latent_size=resolution, num_classes=num_classes, count=count,
-               class_names=[f'{c} {s}' for s, c, _ in TOY_CLASSES])
+               class_names=[f'{c} {s}' for s, c, _ in TOY_CLASSES], toy=toy)
     print(f'wrote {count} toy images ({num_classes} classes, {resolution}px) to {out}')
 
 
@@ -262,6 +264,7 @@ def _done_chunks(out):
 
 def prepare_imagenet(args):
     rank, world, device = sit.setup_distributed()
+    stop = sit.StopFlag()  # SIGTERM / SIGUSR1 / Ctrl-C: finish the chunk at hand, exit 0; rerun to continue
     barrier = dist.barrier if dist.is_initialized() else (lambda: None)
 
     def fail_all(msg):  # every rank reaches the same verdict; one of them says it
@@ -292,7 +295,15 @@ def prepare_imagenet(args):
         t0 = time.time()
         mine = list(range(rank, len(paths), world))
         batches = [mine[i:i + 64] for i in range(0, len(mine), 64)]
-        bad = [e for _, errors in _loader(paths, None, batches, args.num_workers) for e in errors]
+        bad = []
+        for _, errors in _loader(paths, None, batches, args.num_workers):
+            bad += errors
+            if stop.requested:
+                break
+        if stop():
+            if rank == 0:
+                print('stopped by signal while checking the files; nothing was written, rerun the same command')
+            return
         if dist.is_initialized():
             gathered = [None] * world
             dist.all_gather_object(gathered, bad)
@@ -323,7 +334,7 @@ def prepare_imagenet(args):
             for a in arrays.values():
                 a.flush()
             del arrays
-            _write_json(state_file, {'key': key, 'bad': bad_rel})  # after the arrays: its presence means they exist
+            sit.write_json(state_file, {'key': key, 'bad': bad_rel})  # after the arrays: its presence means they exist
         barrier()
         state = _read_json(state_file)
     skip = set(state['bad'])
@@ -358,13 +369,21 @@ def prepare_imagenet(args):
             for a in arrays.values():
                 a.flush()  # on disk before the chunk is recorded as done
             record.add(lo // chunk)
-            _write_json(record_file, sorted(record))
+            sit.write_json(record_file, sorted(record))
             if rank == 0:  # rank 0's pace times the rank count: the chunks are dealt out evenly
                 rate = n * world / (time.time() - t0)
                 print(f'~{min(n * world, todo_images)}/{todo_images} images  {rate:.1f} img/s  '
                       f'ETA {sit.format_time(max(todo_images - n * world, 0) / rate)}', flush=True)
+            if stop.requested:
+                break
     del arrays, loader
-    barrier()
+    if stop():  # every rank gets here: the agreed flag doubles as the barrier
+        if rank == 0:
+            print(f'stopped by signal: {len(_done_chunks(out))} of {nchunks} chunks are done; rerun the same command '
+                  f'to continue', flush=True)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return
     if rank == 0:
         missing = nchunks - len(_done_chunks(out))
         if missing:

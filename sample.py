@@ -240,6 +240,7 @@ def main(argv=None):
     pending = pending[0]
     log(f"{folder}: {len(pending)} of {-(-N // B)} batches of <= {B} samples to generate")
     mine = pending[rank::world]
+    stop = sit.StopFlag()  # SIGTERM / SIGUSR1 / Ctrl-C: finish the batch at hand (its PNGs are kept), exit 0
     t0 = time.time()
     for b, s in enumerate(mine):
         idx = range(s, min(s + B, N))                                           # the last batch is trimmed
@@ -254,11 +255,16 @@ def main(argv=None):
             dt = time.time() - t0
             log(f'batch {b + 1}/{len(mine)} (rank 0) | {(b + 1) * B * world / dt:.1f} img/s (all ranks) | '
                 f'eta {sit.format_time(dt / (b + 1) * (len(mine) - b - 1))}')
+        if stop.requested:
+            break
 
     # -------------------------------------------------------------------------
     # All PNGs -> one .npz beside the folder (ADM evaluator format: arr_0, uint8 (N, H, W, 3))
-    if world > 1:
-        dist.barrier()
+    if stop():  # every rank gets here: the agreed flag doubles as the barrier
+        log('stopped by signal; the finished PNGs are kept: rerun the same command to continue')
+        if world > 1:
+            dist.destroy_process_group()
+        return folder
     if rank == 0:
         from PIL import Image
         missing = [i for i in range(N) if not os.path.exists(png(i))]

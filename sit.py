@@ -12,12 +12,14 @@ The convention (REPA's, used by every script in this repo):
 The original SiT repo runs time the other way (t = 0 noise, v = x - eps); see `flip_time` below.
 """
 import contextlib
+import glob
 import json
 import math
 import os
 import shutil
 import signal
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -30,7 +32,10 @@ import torch.nn.functional as F
 # Errors a user can fix
 
 def fail(msg):
-    """One clear line instead of a traceback, for problems a user can fix."""
+    """One clear line instead of a traceback, for problems a user can fix. Under torchrun every rank usually hits
+    the same problem, so only each node's first process says it (the others exit 1 silently)."""
+    if int(os.environ.get('LOCAL_RANK', 0)) != 0:
+        raise SystemExit(1)
     raise SystemExit(f'error: {msg}')
 
 
@@ -357,8 +362,9 @@ DATASET_FORMAT = 1
 def read_dataset_meta(path):
     meta_path = os.path.join(path, 'dataset.json')
     if not os.path.isdir(path):
-        fail(f"dataset folder '{path}' does not exist; create it with `python prepare.py toy --out {path}` "
-             f"(or `prepare.py imagenet`) or pass --data-path")
+        make = (f'python prepare.py toy --out {path}' if 'toy' in os.path.basename(os.path.normpath(path)) else
+                f'torchrun --nproc_per_node=8 prepare.py imagenet --src IMAGENET/train --out {path}')
+        fail(f"dataset folder '{path}' does not exist; create it with `{make}` or pass --data-path")
     if not os.path.isfile(meta_path):
         fail(f"'{path}' is not a prepared dataset (no dataset.json); build it with prepare.py")
     with open(meta_path) as f:
@@ -382,7 +388,10 @@ class PreparedDataset(torch.utils.data.Dataset):
             f = os.path.join(path, f'{name}.npy')
             if not os.path.isfile(f):
                 fail(f"'{f}' is missing; the dataset is incomplete, re-run prepare.py")
-            a = np.load(f, mmap_mode='r')
+            try:
+                a = np.load(f, mmap_mode='r')
+            except ValueError as e:  # a truncated file: "mmap length is greater than file size", ...
+                fail(f"'{f}' is truncated or corrupt ({e}); re-run prepare.py")
             if a.shape != shape:
                 fail(f"'{f}' has shape {a.shape} but dataset.json says {shape}; re-run prepare.py")
             self.arrays[name] = a
@@ -585,8 +594,12 @@ def load_checkpoint(path):
     torch.serialization.add_safe_globals([argparse.Namespace])  # REPA's last.pt stores its args (plain values)
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        fail(f"cannot read checkpoint '{path}' ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    except Exception as e:  # not torch's message: it suggests weights_only=False, which runs arbitrary pickles
+        import re
+        unsafe = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
+        fail(f"cannot read checkpoint '{path}': " + (f'it holds a pickled Python object ({unsafe.group(1)}), not '
+             'only tensors and plain containers; this repo loads checkpoints with weights_only=True' if unsafe else
+             f'not a PyTorch checkpoint, or a truncated one ({type(e).__name__})'))
 
 
 def latest_checkpoint(run_dir):
@@ -595,38 +608,103 @@ def latest_checkpoint(run_dir):
     return os.path.join(d, files[-1]) if files else None
 
 
-def resume_checkpoint(cfg, run_keys):
-    """-> (run folder, checkpoint dict or None). --resume takes a checkpoint file or a run folder (its newest
-    checkpoint); it must come from the same method, and every key not in run_keys must equal the checkpoint's,
-    since those keys change the math (a resumed run must be the run that was never interrupted)."""
+def write_json(path, obj):
+    """Atomic: a kill mid-write leaves the previous file (or none), never a truncated one."""
+    tmp = f'{path}.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _config_diff(old, new, run_keys):
+    return ', '.join(f'{k} ({old.get(k)} -> {v})' for k, v in new.items() if k not in run_keys and old.get(k) != v)
+
+
+def open_run(cfg, run_keys):
+    """-> (run folder, checkpoint dict or None), checked before anything is written.
+    --resume FILE|FOLDER continues that checkpoint (a folder: its newest); new checkpoints go to the folder it lives
+    in, wherever that folder has moved. Without --resume, an --out folder that already holds a run of the same
+    config continues it (what a requeued job needs: rerun the same command); another config is refused, and so is a
+    folder that is not a run folder. Keys not in run_keys change the math and must equal the checkpoint's."""
     run_dir = cfg['out'].format(**cfg)
-    if not cfg['resume']:
-        return run_dir, None
-    path = latest_checkpoint(cfg['resume']) if os.path.isdir(cfg['resume']) else cfg['resume']
-    if path is None:
-        fail(f"no checkpoints in '{cfg['resume']}/checkpoints'; pass a checkpoint file or drop --resume")
-    ckpt = load_checkpoint(path)
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('config'), dict) or 'method' not in ckpt['config']:
-        fail(f"'{path}' is not a training checkpoint of this repo")
-    if ckpt['config']['method'] != cfg['method']:
-        got = ckpt['config']['method']
-        fail(f"'{path}' is a {got} checkpoint, not {cfg['method']}; resume it with train_{got}.py")
-    diff = {k: (ckpt['config'].get(k), v) for k, v in cfg.items() if k not in run_keys and ckpt['config'].get(k) != v}
-    if diff:
-        fail('resume would change ' + ', '.join(f'{k} ({a} -> {b})' for k, (a, b) in diff.items()) +
-             '; pass the flags of the original run')
-    ckpt['path'] = path
+    path = None
+    if cfg['resume']:
+        path = latest_checkpoint(cfg['resume']) if os.path.isdir(cfg['resume']) else cfg['resume']
+        if path is None:
+            fail(f"no checkpoints in '{cfg['resume']}/checkpoints'; pass a checkpoint file or drop --resume")
+        if os.path.isdir(cfg['resume']):
+            run_dir = cfg['resume']
+        elif os.path.basename(os.path.dirname(os.path.abspath(path))) == 'checkpoints':  # RUN/checkpoints/X.pt
+            run_dir = os.path.dirname(os.path.dirname(path)) or '.'
+    elif os.path.isdir(run_dir) and os.listdir(run_dir):
+        path = latest_checkpoint(run_dir)
+        if path is None:  # a run that stopped before its first checkpoint, or not a run folder at all
+            if not os.path.isfile(os.path.join(run_dir, 'config.json')):
+                fail(f"--out '{run_dir}' exists and is not a run folder of this repo; pass --out NEW_FOLDER")
+            with open(os.path.join(run_dir, 'config.json')) as f:
+                diff = _config_diff(json.load(f), cfg, run_keys)
+            if diff:
+                fail(f"'{run_dir}' holds a run with other settings ({diff}); pass --out NEW_FOLDER for a new run")
+    ckpt = None
+    if path is not None:
+        ckpt = load_checkpoint(path)
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get('config'), dict) or 'method' not in ckpt['config']:
+            fail(f"'{path}' is not a training checkpoint of this repo")
+        if ckpt['config']['method'] != cfg['method']:
+            got = ckpt['config']['method']
+            fail(f"'{path}' is a {got} checkpoint, not {cfg['method']}; resume it with train_{got}.py")
+        diff = _config_diff(ckpt['config'], cfg, run_keys)
+        if diff and cfg['resume']:
+            fail(f'resume would change {diff}; pass the flags of the original run')
+        if diff:
+            fail(f"'{run_dir}' already holds a run with other settings ({diff}); continue it with its own flags "
+                 f"(--resume {run_dir}), or pass --out NEW_FOLDER for a new run")
+        ckpt['path'] = path
+    writable_or_fail(run_dir)
     return run_dir, ckpt
 
 
-def create_run_dir(run_dir, cfg, script, rank, world):
-    """RUN/config.json, a copy of the exact script that produced the run, and RUN/checkpoints/ (rank 0 writes)."""
-    if rank == 0:
+def writable_or_fail(folder):
+    """Probe with a real file: permission bits say nothing for root, and read-only mounts only show on write."""
+    d = folder
+    while not os.path.isdir(d):  # the nearest existing ancestor is where the folder would be created
+        d = os.path.dirname(os.path.abspath(d))
+    for sub in (d, os.path.join(d, 'checkpoints')) if d == folder else (d,):
+        if not os.path.isdir(sub):
+            continue
+        try:
+            with tempfile.NamedTemporaryFile(dir=sub):
+                pass
+        except OSError as e:
+            fail(f"cannot write to '{sub}' ({e.strerror}); make it writable or pass --out to a writable folder")
+
+
+def create_run_dir(run_dir, cfg, script, model, step):
+    """Rank 0: RUN/checkpoints/, RUN/config.json (atomic), a copy of the exact script that produced the run; on
+    resume, drop metrics logged after the resumed step (a killed run replays them) and stale temporary files.
+    Warns when the disk has room for fewer than two more checkpoints."""
+    if get_rank() == 0:
         os.makedirs(os.path.join(run_dir, 'checkpoints'), exist_ok=True)
-        with open(os.path.join(run_dir, 'config.json'), 'w') as f:
-            json.dump(cfg, f, indent=1)
+        writable_or_fail(run_dir)
+        write_json(os.path.join(run_dir, 'config.json'), cfg)
         shutil.copy(os.path.abspath(script), run_dir)
-    if world > 1:
+        for f in glob.glob(os.path.join(run_dir, 'checkpoints', '*.tmp')):  # a write that was killed
+            os.remove(f)
+        metrics = os.path.join(run_dir, 'metrics.jsonl')
+        if os.path.isfile(metrics):
+            with open(metrics) as f:
+                keep = [line for line in f if json.loads(line)['step'] <= step]
+            with open(metrics + '.tmp', 'w') as f:
+                f.writelines(keep)
+            os.replace(metrics + '.tmp', metrics)
+        need = 2 * 4 * 4 * sum(p.numel() for p in model.parameters())  # model + EMA + AdamW's two moments, fp32
+        free = shutil.disk_usage(run_dir).free
+        if free < need:
+            print(f"warning: '{run_dir}' has {free / 2**30:.1f} GiB free, less than two checkpoints "
+                  f"({need / 2**30:.1f} GiB)", file=sys.stderr, flush=True)
+    if dist.is_initialized():
         dist.barrier()
 
 
@@ -659,15 +737,38 @@ def restore(ckpt, model, ema, opt, device, log):
 
 
 def save_checkpoint(path, obj):
-    """Atomic: a crash mid-write leaves the previous file intact, never a truncated one."""
+    """Atomic and durable: written to PATH.tmp, flushed to disk, renamed over PATH, and the rename flushed too, so
+    neither a killed process nor a power loss leaves a truncated checkpoint. A failed write (disk full, read-only)
+    removes the partial file and ends in one line; earlier checkpoints are untouched."""
     tmp = f'{path}.tmp'
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except (OSError, RuntimeError) as e:  # torch's zip writer wraps the OSError of a full disk in a RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        err = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(err, OSError):
+            raise
+        folder = os.path.dirname(os.path.abspath(path))
+        prev = [f for f in sorted(os.listdir(folder)) if f.endswith('.pt') and f != os.path.basename(path)]
+        fail(f"could not write checkpoint '{path}' ({err.strerror or err}); the partial file is removed and "
+             + (f"the previous checkpoint '{os.path.join(folder, prev[-1])}' is intact" if prev else
+                'there is no earlier checkpoint') + '; free space or fix the folder, then rerun the same command')
 
 
-def save_training_state(run_dir, step, log, device, **state):
+def save_training_state(run_dir, step, log, device, keep=0, **state):
     """RUN/checkpoints/<step>.pt: `state` (model, ema, opt, config, model_args, ...) plus step and every rank's
-    RNG state, so a resumed run replays the same noise. Every rank must call it (the RNG states are gathered)."""
+    RNG state, so a resumed run replays the same noise. Every rank must call it (the RNG states are gathered).
+    keep > 0 deletes all but the newest `keep` checkpoints once the new one is safely on disk."""
     rngs = [rng_state(device)]
     if dist.is_initialized():
         rngs = [None] * dist.get_world_size()
@@ -677,6 +778,11 @@ def save_training_state(run_dir, step, log, device, **state):
         save_checkpoint(path, dict(step=step, rng=rngs, **{k: v.state_dict() if hasattr(v, 'state_dict') else v
                                                           for k, v in state.items()}))
         log(f'checkpoint -> {path}')
+        old = sorted(glob.glob(os.path.join(run_dir, 'checkpoints', '*.pt')))[:-keep] if keep > 0 else []
+        for f in old:
+            os.remove(f)
+    if dist.is_initialized():  # no rank runs ahead (or exits) while rank 0 writes
+        dist.barrier()
 
 
 def get_rank():
@@ -688,20 +794,29 @@ def get_world_size():
 
 
 class StopFlag:
-    """SIGTERM (preemption) or SIGUSR1 (e.g. Slurm's --signal) asks the loop to save and exit at the next step.
-    Ranks agree through a CPU all-reduce so every rank stops at the same step (no GPU sync needed)."""
+    """A stop request at the next step boundary: SIGTERM (preemption), SIGUSR1 (Slurm's --signal) or a first Ctrl-C
+    (SIGINT) set it; the loop then saves and exits 0. A second Ctrl-C, a second or more after the first, exits at
+    once without saving (torchrun forwards the terminal's SIGINT to its workers, which then see it twice within
+    milliseconds: that counts as one). stop() is the flag agreed by all ranks through a CPU all-reduce, so every
+    rank stops at the same step (no GPU sync); stop.requested is this process's own flag (no collective)."""
 
     def __init__(self):
-        self.local = False
+        self.requested, self.first_sigint = False, None
         self.group = dist.new_group(backend='gloo') if dist.is_initialized() else None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        self.local = True
+        if signum == signal.SIGINT:
+            if self.first_sigint is not None and time.monotonic() - self.first_sigint > 1.0:
+                if int(os.environ.get('LOCAL_RANK', 0)) == 0:
+                    print('interrupted twice: exiting now, without saving', file=sys.stderr, flush=True)
+                raise SystemExit(130)
+            self.first_sigint = self.first_sigint or time.monotonic()
+        self.requested = True
 
     def __call__(self):
-        flag = torch.tensor([float(self.local)])
+        flag = torch.tensor([float(self.requested)])
         if self.group is not None:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return bool(flag.item())

@@ -40,7 +40,8 @@ config = dict(
     label_dropout=0.1,             # classifier-free guidance: p(label -> null class)
     max_steps=400_000,             # optimizer steps
     log_every=100,                 # steps between log lines (loss, grad norm, img/s, ETA)
-    ckpt_every=50_000,             # steps between checkpoints (also at the end and on SIGTERM/SIGUSR1)
+    ckpt_every=50_000,             # steps between checkpoints (also at the end and on SIGTERM/SIGUSR1/Ctrl-C)
+    keep_ckpts=0,                  # keep only the newest K checkpoints; 0 keeps all (papers evaluate several)
     sample_every=10_000,           # preview grid from the EMA model (fixed noise and labels), and at the end; 0: never
     preview_cfg=4.0,               # guidance scale of the preview grid only
     vae='',                        # decoder for previews: '' = the dataset's (hub download), or a local file/folder
@@ -55,8 +56,8 @@ presets = {  # --preset toy: the toy set on a laptop CPU in minutes
                 ema_decay=0.99, max_steps=1000, log_every=50, ckpt_every=500, sample_every=500, num_workers=0),
 }
 # keys that may change when resuming (everything else must match the checkpoint, or resume is not exact)
-RUN_KEYS = {'data_path', 'out', 'resume', 'grad_accum', 'max_steps', 'log_every', 'ckpt_every', 'sample_every',
-            'vae', 'precision', 'num_workers', 'compile', 'wandb'}
+RUN_KEYS = {'data_path', 'out', 'resume', 'grad_accum', 'max_steps', 'log_every', 'ckpt_every', 'keep_ckpts',
+            'sample_every', 'vae', 'precision', 'num_workers', 'compile', 'wandb'}
 # >>> method: config
 config.update(
     method='repa',
@@ -103,11 +104,8 @@ def main(argv=None):
     bf16 = sit.use_bf16(cfg['precision'], device)  # autocast of the SiT forward (a teacher runs in fp16)
     accum = cfg['grad_accum']
     micro_batch = sit.micro_batch_size(cfg['global_batch'], world, accum)
-    run_dir, ckpt = sit.resume_checkpoint(cfg, RUN_KEYS)  # the checkpoint's config wins for everything that matters
-    sit.create_run_dir(run_dir, cfg, __file__, rank, world)
-    log = sit.Logger(run_dir, rank, cfg, step=ckpt['step'] if ckpt else 0)
-    log(f"{cfg['method']}: {world} rank(s) on {device.type}{' (bf16)' if bf16 else ''}, global batch "
-        f"{cfg['global_batch']} = {world} x {accum} x {micro_batch}, run folder {run_dir}")
+    # --resume, or the same command rerun into its run folder, continues; nothing is written until all is checked
+    run_dir, ckpt = sit.open_run(cfg, RUN_KEYS)
 
     # data
     # >>> method: data
@@ -137,6 +135,10 @@ def main(argv=None):
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg['lr'], betas=(0.9, 0.999),
                             eps=1e-8, weight_decay=0.0, fused=cuda)
+    sit.create_run_dir(run_dir, dict(cfg, out=run_dir), __file__, model, ckpt['step'] if ckpt else 0)
+    log = sit.Logger(run_dir, rank, cfg, step=ckpt['step'] if ckpt else 0)
+    log(f"{cfg['method']}: {world} rank(s) on {device.type}{' (bf16)' if bf16 else ''}, global batch "
+        f"{cfg['global_batch']} = {world} x {accum} x {micro_batch}, run folder {run_dir}")
     if ckpt is not None:
         step = sit.restore(ckpt, model, ema, opt, device, log)  # weights, optimizer, step, this rank's RNG
         del ckpt
@@ -182,6 +184,8 @@ def main(argv=None):
     # training loop
     stop = sit.StopFlag()  # installed before the loaders fork, so their workers ignore the signal too
     data = batches(step)
+    if step >= cfg['max_steps']:
+        log(f"the run is at step {step} of {cfg['max_steps']}: nothing to do (raise --max-steps to train on)")
     net.train()
     while step < cfg['max_steps']:
         opt.zero_grad(set_to_none=True)
@@ -211,10 +215,10 @@ def main(argv=None):
             preview(step)
         stopping = stop()
         if step % cfg['ckpt_every'] == 0 or step == cfg['max_steps'] or stopping:
-            sit.save_training_state(run_dir, step, log, device, model=model, ema=ema, opt=opt, config=cfg,
-                                    model_args=model_args)
+            sit.save_training_state(run_dir, step, log, device, keep=cfg['keep_ckpts'], model=model, ema=ema, opt=opt,
+                                    config=cfg, model_args=model_args)
         if stopping:
-            log(f'stopped by signal at step {step}; continue with --resume {run_dir}')
+            log(f'stopped by signal at step {step}; rerun the same command (or --resume {run_dir}) to continue')
             break
     if world > 1:
         dist.barrier()

@@ -235,3 +235,32 @@ def test_trainers_read_it_and_preview_through_the_vae(prepared, vae_file, tmp_pa
     with Image.open(tmp_path / 'run' / 'preview_0000002.png') as grid:
         S = R * max(1, 64 // R)                                   # tiny images are enlarged in the grid
         assert grid.size == (3 * (S + 2) + 2, 4 * (S + 2) + 2)   # 3 classes x 4 rows of R px decoded images
+
+
+def test_signal_finishes_the_chunk_and_exits(folder, vae_file, prepared, tmp_path, monkeypatch, capsys):
+    """SIGTERM (or SIGUSR1, Ctrl-C) during encoding: the chunk at hand is finished and recorded, the run returns
+    normally (exit 0) without dataset.json, and the same command then does only the remaining chunks."""
+    import signal
+    encode, encoded = prepare.vae_encode_moments, []
+
+    def signal_in_third_batch(vae, x, batch_size=32):
+        encoded.append(len(x))
+        if len(encoded) == 3:                                               # chunk 1 (of 0, 1, 2) is under way
+            os.kill(os.getpid(), signal.SIGTERM)
+        return encode(vae, x, batch_size)
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    monkeypatch.setattr(prepare, 'vae_encode_moments', signal_in_third_batch)
+    out = tmp_path / 'stopped'
+    try:
+        run(folder, out, vae_file)
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+    assert 'stopped by signal: 2 of 3 chunks are done' in capsys.readouterr().out
+    assert sum(encoded) == 8 and not (out / 'dataset.json').exists()        # chunks 0 and 1, whole
+    encoded.clear()
+    run(folder, out, vae_file)
+    assert sum(encoded) == 1                                                # chunk 2 only
+    a, b = load(prepared), load(out)
+    assert all(np.array_equal(a[k], b[k]) for k in ('images', 'labels'))

@@ -203,7 +203,11 @@ def test_one_line_errors(env, tmp_path):
     toy, ckpt = env['toy'], env['ckpt']
     assert 'does not exist' in error(['--ckpt', str(tmp_path / 'nope.pt')])
     (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint')
-    assert 'cannot read checkpoint' in error(['--ckpt', str(tmp_path / 'junk.pt')])
+    msg = error(['--ckpt', str(tmp_path / 'junk.pt')])
+    assert 'not a PyTorch checkpoint' in msg and 'weights_only=False' not in msg
+    torch.save({'ema': np.zeros(3)}, tmp_path / 'pickled.pt')             # a pickled object: never unpickled
+    msg = error(['--ckpt', str(tmp_path / 'pickled.pt')])
+    assert 'pickled Python object (numpy.' in msg and 'weights_only=False' not in msg
     torch.save({'foo': 1}, tmp_path / 'other.pt')
     assert 'neither' in error(['--ckpt', str(tmp_path / 'other.pt')])
     sd = torch.load(ckpt, weights_only=True)['ema']

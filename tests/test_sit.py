@@ -288,8 +288,10 @@ def test_flip_time_converts_sit_convention():
 # prepared dataset
 
 def test_dataset_errors(tmp_path):
-    with pytest.raises(SystemExit, match='does not exist.*prepare.py toy'):
+    with pytest.raises(SystemExit, match='does not exist.*prepare.py imagenet --src IMAGENET/train --out'):
         sit.PreparedDataset(str(tmp_path / 'nowhere'))
+    with pytest.raises(SystemExit, match=r'does not exist.*`python prepare.py toy --out .*my-toy`'):
+        sit.PreparedDataset(str(tmp_path / 'my-toy'))
     with pytest.raises(SystemExit, match='no dataset.json'):
         sit.PreparedDataset(str(tmp_path))
     import prepare
@@ -298,6 +300,10 @@ def test_dataset_errors(tmp_path):
     img, m, y = ds[3]
     assert img.dtype == torch.uint8 and m.shape == (6, 16, 16) and 0 <= y < 10
     assert torch.allclose(m[:3], img.float() / 127.5 - 1, atol=1e-6) and m[3:].abs().max() == 0
+    images = tmp_path / 'toy' / 'images.npy'                              # cut short, as by a full disk
+    images.write_bytes(images.read_bytes()[:1000])
+    with pytest.raises(SystemExit, match=r"images.npy' is truncated or corrupt .*re-run prepare.py"):
+        sit.PreparedDataset(str(tmp_path / 'toy'), images=True)
     np.save(tmp_path / 'toy' / 'labels.npy', np.zeros(7, dtype=np.int64))
     with pytest.raises(SystemExit, match=r'labels.npy.*shape \(7,\).*\(20,\)'):
         sit.PreparedDataset(str(tmp_path / 'toy'))
