@@ -1,7 +1,8 @@
 """
 FID, sFID, Inception Score, precision and recall of generated images, computed as OpenAI's ADM
 evaluator does (guided-diffusion/evaluations/evaluator.py, TensorFlow) but in plain PyTorch;
-or FD-DINOv2 (EDM2 / dgm-eval) with --features dinov2.
+or FD-DINOv2 with --features dinov2, as EDM2 computes it (dgm-eval's protocol, EDM2's torch resize): the CLS
+token of DINOv2 ViT-L/14 at 224 px, with the position embedding DINOv2's own (torch.hub) model interpolates.
 
     python fid.py SAMPLES REF [--json] [--inception-weights PATH]
     python fid.py samples_50k.npz VIRTUAL_imagenet256_labeled.npz
@@ -21,6 +22,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -38,7 +40,11 @@ INCEPTION_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_w
 DINOV2_MODEL = 'vit_large_patch14_dinov2.lvd142m'
 # precomputed statistics an npz may carry, per feature type, as (mean, covariance) key pairs
 STATS_KEYS = {'inception': [('mu', 'sigma'), ('mu_s', 'sigma_s')], 'dinov2': [('mu_dinov2', 'sigma_dinov2')]}
-CACHE_VERSION = 1  # bump when the feature pipeline changes, so old caches are not served
+# bump a feature type's version when its pipeline changes, so its old caches are not served (per type: a
+# DINOv2 change must not throw away hours of cached Inception statistics).
+# dinov2 2: DINOv2's own position-embedding interpolation instead of timm's load-time resampling
+CACHE_VERSION = {'inception': 1, 'dinov2': 2}
+DINOV2_SIZE = 224  # EDM2 and dgm-eval resize every image to 224x224 for DINOv2 (16x16 patches of 14 px)
 
 # -----------------------------------------------------------------------------
 # Inception-v3 of TF's inception-2015-12-05 graph (the network behind published FIDs).
@@ -182,9 +188,43 @@ def inception_preprocess(x):  # (N, 3, H, W) floats in 0..255 -> (N, 3, 299, 299
     return (tf1_resize(x, (299, 299)) - 128) / 128  # the TF graph's Sub(128), Mul(1/128)
 
 def dinov2_preprocess(x):  # (N, 3, H, W) floats in 0..255 -> (N, 3, 224, 224) ImageNet-normalised
-    x = F.interpolate(x, size=(224, 224), mode='bicubic', antialias=True) / 255  # EDM2's torch path
+    # EDM2's DINOv2 detector in its 'torch' resize mode (its default): float32 bicubic resize with antialiasing
+    # straight to 224x224 (no crop, no clamp, no rounding back to uint8), then /255 and ImageNet mean/std. Its
+    # 'pil' mode (dgm-eval's PIL bicubic on uint8, rounded) is the slow reference it says gives almost the same
+    # numbers; we do not follow it. As there: the CLS token after the final norm, float32, then float64 statistics.
+    x = F.interpolate(x, size=(DINOV2_SIZE, DINOV2_SIZE), mode='bicubic', antialias=True) / 255
     mean, std = x.new_tensor([0.485, 0.456, 0.406]), x.new_tensor([0.229, 0.224, 0.225])
     return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+
+def dinov2_pos_embed(pos_embed, grid, num_prefix=1, offset=0.1):
+    """pos_embed (1, num_prefix + M*M, D), trained on an M x M patch grid -> (1, num_prefix + grid*grid, D),
+    the embedding DINOv2's own ViT (the torch.hub dinov2_vit*14 behind published FD-DINOv2) adds to a grid x grid
+    input, by its rule, which is not timm's: bicubic WITHOUT antialiasing, and a scale factor of
+    (grid + offset) / M rather than an output size. The offset (its interpolate_offset, 0.1) was meant only to
+    keep the output size from rounding down to grid - 1, but F.interpolate also places its samples by the scale
+    factor it is given: at (i + 0.5) * M / (grid + 0.1) - 0.5, not (i + 0.5) * M / grid - 0.5. The prefix (class
+    token) rows pass unchanged. timm's load-time resampling (exact size, antialiased) differs by 2-4% relative on
+    smooth 37x37 embeddings, and by 80% on white noise."""
+    M = math.isqrt(pos_embed.shape[1] - num_prefix)
+    if grid == M:  # at its native size DINOv2 adds the trained embedding as it is
+        return pos_embed
+    prefix, patch = pos_embed[:, :num_prefix].float(), pos_embed[:, num_prefix:].float()  # fp32, as DINOv2
+    D = patch.shape[-1]
+    patch = patch.reshape(1, M, M, D).permute(0, 3, 1, 2)  # (1, D, M, M)
+    s = (grid + offset) / M  # a Python float, as DINOv2 passes it
+    patch = F.interpolate(patch, scale_factor=(s, s), mode='bicubic', antialias=False)  # (1, D, grid, grid)
+    patch = patch.permute(0, 2, 3, 1).reshape(1, grid * grid, D)  # row-major patch order, as the tokens
+    return torch.cat([prefix, patch], 1).to(pos_embed.dtype)  # (1, num_prefix + grid*grid, D)
+
+def state_dict_mismatch(net, sd):
+    """'' if sd has exactly net's parameter names and shapes, else one line naming the differences."""
+    own, shape = net.state_dict(), lambda t: tuple(getattr(t, 'shape', ()))
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f'{k} {shape(sd[k])} for {shape(v)}' for k, v in own.items() if k in sd and shape(sd[k]) != shape(v)]
+    parts = [f'{len(ks)} {what} (e.g. {ks[:2]})' for ks, what in
+             ((missing, 'missing keys'), (unexpected, 'unexpected'), (shapes, 'of wrong shape')) if ks]
+    return ', '.join(parts)
 
 def load_inception(weights=None):
     """weights: a local pt_inception-2015-12-05-6726825d.pth, or None for torch.hub's cached download."""
@@ -193,22 +233,29 @@ def load_inception(weights=None):
     # torch.hub's checkpoint cache (shared with pytorch-fid); not load_state_dict_from_url, which
     # announces downloads on stdout and would corrupt --json output
     path = weights or os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(INCEPTION_URL))
+    fix = f'get {INCEPTION_URL} and pass --inception-weights PATH'
     try:
         if not os.path.exists(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             torch.hub.download_url_to_file(INCEPTION_URL, path, progress=True)  # progress bar on stderr
-        net = InceptionV3()  # strict load: a wrong file must fail here, not give plausible-looking FIDs
-        net.load_state_dict(torch.load(path, map_location='cpu', weights_only=True))
+        sd = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # offline, wrong or corrupt file: one line, no traceback
         why = (str(e).strip().splitlines() or [''])[0][:100]
         raise SystemExit(f'fid.py: cannot load Inception weights from {weights or "the internet"} '
-                         f'({type(e).__name__}: {why}); get {INCEPTION_URL} and pass --inception-weights PATH')
+                         f'({type(e).__name__}: {why}); {fix}')
+    net = InceptionV3()  # strict: a wrong file must fail here, not give plausible-looking FIDs
+    # load_state_dict's own error is many lines; its first says only that something differs
+    why = state_dict_mismatch(net, sd) if isinstance(sd, dict) else f'a {type(sd).__name__}, not a state dict'
+    if why:
+        raise SystemExit(f'fid.py: cannot load Inception weights from {path}: {why}; {fix}')
+    net.load_state_dict(sd)
     return net.eval().requires_grad_(False)
 
 def load_dinov2(model=DINOV2_MODEL, weights=None):
-    """DINOv2 via timm; net(x) is the CLS token after the final norm, (N, D). weights: None = timm's
-    hub download/cache, a local file, or 'random' (tests only). Not sit.load_teacher: FD-DINOv2 follows
-    EDM2's preprocessing (antialiased resize to 224, ViT-L), REPA's teacher does not antialias."""
+    """DINOv2 via timm, giving the numbers of DINOv2's own torch.hub model (what EDM2 and dgm-eval run) on
+    DINOV2_SIZE px inputs; net(x) is the CLS token after the final norm, (N, D). weights: None = timm's hub
+    download/cache, a local file, or 'random' (tests only). Not sit.load_teacher: FD-DINOv2 follows EDM2's
+    preprocessing (antialiased resize to 224, ViT-L) and DINOv2's position embedding; REPA's teacher does not."""
     import timm
     local = weights not in (None, 'random')
     if local and not os.path.isfile(weights):
@@ -218,12 +265,24 @@ def load_dinov2(model=DINOV2_MODEL, weights=None):
     level = hf_log.level
     hf_log.setLevel(logging.ERROR)
     try:
-        net = timm.create_model(model, pretrained=weights != 'random', img_size=224, num_classes=0, **kw)
+        # built at its native size (518 px, a 37x37 grid, for DINOv2) so that the trained embedding arrives
+        # untouched: at img_size=224 timm would resample it at load time by its own rule (see dinov2_pos_embed)
+        net = timm.create_model(model, pretrained=weights != 'random', num_classes=0, **kw)
     except Exception as e:  # offline, wrong file: one line, no traceback
         raise SystemExit(f'fid.py: cannot load DINOv2 {model} ({type(e).__name__}); get https://huggingface.co/'
                          f'timm/{model}/resolve/main/model.safetensors and pass --dinov2-weights PATH')
     finally:
         hf_log.setLevel(level)
+    if not hasattr(net, 'set_input_size'):
+        raise SystemExit(f'fid.py: timm {timm.__version__} cannot resize a ViT; FD-DINOv2 needs timm >= 1.0.9 '
+                         f'(pip install -U timm)')
+    # the hub model interpolates its embedding inside every forward; ours always sees DINOV2_SIZE px, so once
+    # here gives the same (1, prefix + 16*16, D) embedding. Registers (no_embed_class) carry no position.
+    grid = DINOV2_SIZE // net.patch_embed.patch_size[0]
+    pos = dinov2_pos_embed(net.pos_embed.detach(), grid, 0 if net.no_embed_class else net.num_prefix_tokens)
+    net.set_input_size(img_size=DINOV2_SIZE)  # resizes the patch grid, and the embedding by timm's rule ...
+    with torch.no_grad():
+        net.pos_embed.copy_(pos)  # ... which we replace by DINOv2's
     return net.eval().requires_grad_(False)
 
 @contextlib.contextmanager
@@ -263,8 +322,11 @@ def _list_pngs(path):
     return sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs if f.lower().endswith('.png'))
 
 def _read_png(f):
-    with Image.open(f) as im:
-        return np.asarray(im.convert('RGB'))  # (H, W, 3) uint8; grey/alpha/palette PNGs become RGB
+    try:
+        with Image.open(f) as im:
+            return np.asarray(im.convert('RGB'))  # (H, W, 3) uint8; grey/alpha/palette PNGs become RGB
+    except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+        raise SystemExit(f'fid.py: {f}: cannot read it as an image ({type(e).__name__}); re-save or remove it')
 
 def _png_batches(files, bs):
     shape0 = None
@@ -288,6 +350,7 @@ def open_input(path, need_images=False):
         files = _list_pngs(path)
         if not files:
             raise SystemExit(f'fid.py: {path}: folder has no .png images')
+        _read_png(files[0])  # a folder of non-images fails here, before any features run
         return len(files), lambda bs: _png_batches(files, bs), {}
     if not zipfile.is_zipfile(path):
         raise SystemExit(f'fid.py: {path}: not an .npz file; pass an .npz with arr_0 or a folder of PNGs')
@@ -413,19 +476,24 @@ def _save_cache(path, key, stats):
     except OSError as e:
         print(f'fid.py: warning: cannot write the cache {path}: {e}', file=sys.stderr)
 
+def check_input(path, kind):
+    """Everything about an input that can fail before features run. -> (n_images, its stored STATS_KEYS[kind])"""
+    n, _, pre = open_input(path)
+    pre = {k: v for k, v in pre.items() if any(k in pair for pair in STATS_KEYS[kind])}
+    if n == 0 and not pre:
+        raise SystemExit(f'fid.py: {path}: has no images (arr_0) and no {kind} statistics ({"/".join(STATS_KEYS[kind][0])})')
+    if n == 1:
+        raise SystemExit(f'fid.py: {path}: has {n} image; need at least 2 to estimate a covariance')
+    return n, pre
+
 def input_statistics(path, kind, get_net, batch_size=64, device='cpu', model_id=None, cache=False):
     """One input's statistics: n, the (mu, sigma) pairs of STATS_KEYS[kind] and, for Inception on
     images, pool (N, 2048) features for IS and precision/recall."""
-    n, _, pre = open_input(path)
-    pre = {k: v for k, v in pre.items() if any(k in pair for pair in STATS_KEYS[kind])}
+    n, pre = check_input(path, kind)
     if n == 0:
-        if not pre:
-            raise SystemExit(f'fid.py: {path}: has no images (arr_0) and no {kind} statistics ({"/".join(STATS_KEYS[kind][0])})')
         return dict(pre, n=0)
-    if n < 2:
-        raise SystemExit(f'fid.py: {path}: has {n} image; need at least 2 to estimate a covariance')
     cache_file = path.rstrip('/\\') + f'.{kind}.stats.npz'
-    key = hashlib.sha1(repr((CACHE_VERSION, kind, model_id, _fingerprint(path))).encode()).hexdigest()
+    key = hashlib.sha1(repr((CACHE_VERSION[kind], kind, model_id, _fingerprint(path))).encode()).hexdigest()
     stats = _load_cache(cache_file, key) if cache else None
     if stats is None:
         f = compute_features(path, get_net(), kind, batch_size, device)
@@ -457,6 +525,8 @@ def evaluate(samples, ref, features='inception', inception_weights=None, dinov2_
         model_id, load = weights_id(inception_weights, INCEPTION_URL), lambda: load_inception(inception_weights)
     else:
         model_id, load = (dinov2_model, weights_id(dinov2_weights, 'hub')), lambda: load_dinov2(dinov2_model, dinov2_weights)
+    for path in (samples, ref):  # a bad REF must fail now, not after an hour of SAMPLES' features
+        check_input(path, features)
     get_net = functools.cache(load)  # loaded once, and only if some input needs features
     kw = dict(batch_size=batch_size, device=device, model_id=model_id)
     s = input_statistics(samples, features, get_net, **kw)

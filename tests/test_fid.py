@@ -176,6 +176,81 @@ def test_tf1_resize_differs_from_half_pixel_interpolate():
     assert pre.min() >= -1 and pre.max() < 1
 
 # -----------------------------------------------------------------------------
+# FD-DINOv2 network: DINOv2's own position-embedding interpolation
+
+DINOV2_S = 'vit_small_patch14_dinov2.lvd142m'  # the smallest DINOv2, same 37x37 grid at 518 px as ViT-L
+
+def dinov2_interpolate_pos_encoding(pos_embed, w, h, patch_size=14, offset=0.1):
+    """DINOv2's DinoVisionTransformer.interpolate_pos_encoding as the torch.hub models run it
+    (interpolate_antialias=False, interpolate_offset=0.1), step by step: pos_embed (1, 1 + M*M, D) for an
+    input of w x h pixels (w = dim 2 of the image, as there) -> (1, 1 + (w/p)*(h/p), D)."""
+    N = pos_embed.shape[1] - 1
+    w0, h0 = w // patch_size, h // patch_size
+    if w0 * h0 == N and w == h:
+        return pos_embed
+    M, dim = int(math.sqrt(N)), pos_embed.shape[-1]
+    grid = pos_embed[:, 1:].float().reshape(1, M, M, dim).permute(0, 3, 1, 2)  # (1, D, M, M)
+    grid = F.interpolate(grid, mode='bicubic', antialias=False,
+                         scale_factor=(float(w0 + offset) / M, float(h0 + offset) / M))  # (1, D, w0, h0)
+    assert grid.shape[-2:] == (w0, h0)
+    return torch.cat([pos_embed[:, :1].float(), grid.permute(0, 2, 3, 1).reshape(1, w0 * h0, dim)], 1)
+
+def smooth_pos_embed(dim, M=37, seed=0):  # (1, 1 + M*M, dim): a few waves per channel, smooth as a trained one
+    g = torch.Generator().manual_seed(seed)
+    y, x = torch.meshgrid(torch.linspace(0, 1, M), torch.linspace(0, 1, M), indexing='ij')
+    f = torch.randn(dim, 3, generator=g) * 3
+    waves = torch.sin(f[:, 0, None, None] * x + f[:, 1, None, None] * y + f[:, 2, None, None])  # (dim, M, M)
+    return torch.cat([torch.randn(1, 1, dim, generator=g), waves.flatten(1).T[None]], 1)
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+def test_dinov2_pos_embed_is_dinov2s_interpolation_not_timms():
+    from timm.layers import resample_abs_pos_embed  # timm's load-time resampling at img_size=224
+    g = torch.Generator().manual_seed(0)
+    for pe in (torch.randn(1, 1 + 37 * 37, 32, generator=g), smooth_pos_embed(32)):
+        ref = dinov2_interpolate_pos_encoding(pe, 224, 224)  # (1, 257, 32)
+        ours = fid.dinov2_pos_embed(pe, 16)
+        assert ours.shape == ref.shape == (1, 257, 32)
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+        torch.testing.assert_close(fid.dinov2_pos_embed(pe[:, 1:], 16, num_prefix=0), ref[:, 1:], rtol=0, atol=1e-6)
+        assert fid.dinov2_pos_embed(pe, 37) is pe  # native size: used as it is, as DINOv2 does
+        # what timm's img_size=224 load did (exact size, antialiased) fails the check above by far
+        assert rel(resample_abs_pos_embed(pe, (16, 16), num_prefix_tokens=1), ref) > 0.01
+    # on a smooth embedding nearly all of the gap is the scale-factor offset, not the antialiasing
+    assert rel(resample_abs_pos_embed(pe, (16, 16), num_prefix_tokens=1, antialias=False), ref) > 0.01
+
+def test_dinov2_features_match_dinov2s_forward(tmp_path, monkeypatch):
+    timm = pytest.importorskip('timm')
+    create = timm.create_model  # ViT-S/14 cut to 2 blocks, also inside fid.load_dinov2: 6x faster on a CPU
+    monkeypatch.setattr(timm, 'create_model', lambda *a, **k: create(*a, depth=2, **k))
+    vit = timm.create_model(DINOV2_S, pretrained=False, num_classes=0).eval()  # native 518 px, 37x37 grid
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # random weights with O(1) activations (timm's init: 0.02 std, layer scales 1e-5)
+        vit.pos_embed.copy_(smooth_pos_embed(384) + 0.3 * torch.randn(1, 1 + 37 * 37, 384, generator=g))
+        vit.cls_token.normal_(generator=g)
+        for name, p in vit.named_parameters():
+            if name.endswith('gamma'):
+                p.uniform_(0.5, 1, generator=g)
+            elif name.endswith('weight') and p.ndim > 1:  # linear layers and the patch projection
+                p.normal_(std=p[0].numel() ** -0.5, generator=g)
+    torch.save(vit.state_dict(), tmp_path / 'vits.pth')
+    imgs = torch.stack([torch.rand(3, 40, 40, generator=g), torch.linspace(0, 1, 40).expand(3, 40, 40)]) * 255
+    x = fid.dinov2_preprocess(imgs)  # (2, 3, 224, 224): noise and a smooth ramp
+    with torch.no_grad():
+        # the forward of DINOv2's own ViT, with timm's blocks for its identical blocks
+        t = vit.patch_embed.proj(x).flatten(2).transpose(1, 2)  # (2, 256, 384)
+        t = torch.cat([vit.cls_token.expand(2, -1, -1), t], 1)  # (2, 257, 384)
+        t = t + dinov2_interpolate_pos_encoding(vit.pos_embed, x.shape[2], x.shape[3])
+        ref = vit.norm(vit.blocks(t))[:, 0]  # (2, 384) CLS after the final norm
+        ours = fid.load_dinov2(DINOV2_S, str(tmp_path / 'vits.pth'))(x)
+        timm_224 = timm.create_model(DINOV2_S, pretrained=True, img_size=224, num_classes=0,
+                                     pretrained_cfg_overlay=dict(file=str(tmp_path / 'vits.pth'))).eval()(x)
+    assert ours.shape == (2, 384) and rel(ref[0], ref[1]) > 0.1  # features that depend on the image
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    assert rel(timm_224, ref) > 5e-3  # 1.4%: the previous network (timm's resampling at load) fails the check above
+
+# -----------------------------------------------------------------------------
 # Metrics
 
 def test_frechet_distance_closed_form_diagonal():
@@ -295,6 +370,42 @@ def test_weights_errors_are_one_line(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         fid.load_inception(str(tmp_path / 'wrong.pth'))
     one_line_exit(e, 'cannot load Inception weights', 'wrong.pth', '--inception-weights')
+
+def test_inception_state_dict_mismatch_names_the_keys(tmp_path):
+    sd = fid.InceptionV3().state_dict()
+    del sd['Mixed_7c.branch_pool.bn.running_var']  # removed
+    sd['AuxLogits.fc.weight'] = torch.zeros(10, 768)  # extra, as in torchvision's Inception
+    sd['fc.bias'] = torch.zeros(1000)  # ImageNet-1k head instead of TF's 1008 classes
+    torch.save(sd, tmp_path / 'tv.pth')
+    with pytest.raises(SystemExit) as e:
+        fid.load_inception(str(tmp_path / 'tv.pth'))
+    one_line_exit(e, 'tv.pth', '1 missing keys', 'Mixed_7c.branch_pool.bn.running_var', '1 unexpected',
+                  'AuxLogits.fc.weight', '1 of wrong shape', 'fc.bias (1000,) for (1008,)', '--inception-weights')
+    torch.save(torch.zeros(3), tmp_path / 'tensor.pth')
+    with pytest.raises(SystemExit) as e:
+        fid.load_inception(str(tmp_path / 'tensor.pth'))
+    one_line_exit(e, 'not a state dict')
+
+def test_bad_input_fails_before_any_weights_or_features(tmp_path, monkeypatch):
+    def forbidden(*a, **k):
+        raise AssertionError('weights loaded or features computed before both inputs were checked')
+    for name in ('compute_features', 'load_inception', 'load_dinov2', '_npz_batches', '_png_batches'):
+        monkeypatch.setattr(fid, name, forbidden)
+    good = save_npz(tmp_path / 'samples.npz', arr_0=images(4))
+    (tmp_path / 'junk').mkdir()
+    (tmp_path / 'junk' / '000.png').write_text('not a png')
+    bad_refs = [(str(tmp_path / 'missing_ref.npz'), ['missing_ref.npz', 'no such file']),
+                (save_npz(tmp_path / 'float.npz', arr_0=images(4).astype(np.float32)), ['float.npz', 'uint8']),
+                (save_npz(tmp_path / 'one.npz', arr_0=images(1)), ['one.npz', 'at least 2']),
+                (str(tmp_path / 'junk'), ['000.png', 'cannot read'])]
+    for ref, words in bad_refs:
+        for features in ('inception', 'dinov2'):
+            with pytest.raises(SystemExit) as e:
+                fid.main([good, ref, '--features', features])
+            one_line_exit(e, *words)
+    with pytest.raises(SystemExit) as e:  # and a bad SAMPLES with a good REF
+        fid.main([str(tmp_path / 'missing_samples'), good])
+    one_line_exit(e, 'missing_samples', 'no such file')
 
 def test_statistics_only_inputs(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(fid, 'load_inception', lambda weights=None: FakeInception().eval())
