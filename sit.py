@@ -320,7 +320,8 @@ def _make(depth, hidden_size, num_heads, patch_size):
     return build
 
 
-SiT_models = {f'SiT-{s}/{p}': _make(*SIZES[s], p) for s in SIZES for p in (2, 4, 8)}
+# patch 1 is for f16 latents (16x16 at 256 px), as REPA-E's and LightningDiT's */1 models
+SiT_models = {f'SiT-{s}/{p}': _make(*SIZES[s], p) for s in SIZES for p in (1, 2, 4, 8)}
 
 
 def unwrap(net):
