@@ -23,9 +23,12 @@ and -ft-mse share the encoder). --classes K | syn1,syn2,... and --limit N (per c
 (a multiple of the VAE's downsampling) other sizes. Full ImageNet train with SD-VAE: ~252 GB of images.npy + 42 GB
 of moments.npy.
 
-Latent normalisation (dataset.json; training, previews and sample.py use it through sit.latent_norm): what the
-VAE ships: mean_std.json beside its weights (ReaLS: (z - mean) / std), else the config's latents_mean / latents_std
-with scaling_factor, else scaling_factor and shift_factor (SD-VAE: 0.18215, no shift; SD3 / FLUX: both).
+Latent normalisation (dataset.json; training, previews and sample.py use it through sit.latent_norm):
+--latent-norm vae (default) records what the VAE ships: mean_std.json beside its weights (ReaLS: (z - mean) / std),
+else the config's latents_mean / latents_std with scaling_factor, else scaling_factor and shift_factor (SD-VAE:
+0.18215, no shift; SD3 / FLUX: both). --latent-norm dataset computes a per-channel mean and std over the whole
+prepared set instead (VA-VAE / REPA-E style), exactly: of the latents training draws (mean + std * eps), from the
+stored moments, in float64 (channel_stats).
 `repa` copies REPA's already-encoded folder (its moments are cat[mean, std] too) in one process, not resumable.
 
 Unreadable files: before anything is allocated, every file is read once by PIL (JPEGs in draft mode: every byte is
@@ -268,6 +271,30 @@ def _done_chunks(out):
     return {c for f in glob.glob(os.path.join(out, 'progress_rank*.json')) for c in _read_json(f)}
 
 
+def channel_stats(out, rank=0, world=1, device='cpu', batch=256):
+    """--latent-norm dataset: per-channel mean and std of the latents training draws, z = mean + std * eps, over
+    every image of the prepared set. Exact rather than estimated from drawn samples: over images and positions,
+    E[z] = E[mean] and Var[z] = E[mean^2 + std^2] - E[z]^2, summed in float64. (LightningDiT estimates the same
+    from one drawn latent each of 10K images.) Ranks take every world-th batch and add up their sums."""
+    moments = np.load(os.path.join(out, 'moments.npy'), mmap_mode='r')
+    n, C = len(moments), moments.shape[1] // 2
+    sums = torch.zeros(2, C, dtype=torch.float64)
+    for lo in range(rank * batch, n, world * batch):
+        mean, std = torch.from_numpy(np.array(moments[lo:lo + batch], dtype=np.float64)).chunk(2, dim=1)  # (B, C, h, w)
+        sums[0] += mean.sum((0, 2, 3))
+        sums[1] += (mean ** 2 + std ** 2).sum((0, 2, 3))
+    if dist.is_initialized():
+        sums = sums.to(device)
+        dist.all_reduce(sums)
+    mu, second = sums.cpu() / (n * moments.shape[2] * moments.shape[3])  # (C,) each
+    var = second - mu ** 2
+    if (var <= 0).any():
+        sit.fail(f'latent channel {int((var <= 0).nonzero()[0])} is constant over {out}: it cannot be standardised; '
+                 f'use --latent-norm vae')
+    return {'latent_mean': mu.tolist(), 'latent_std': var.sqrt().tolist(), 'latent_scale': 1.0,
+            'latent_norm_from': f'prepare.py: over all {n} images, sampled latents'}
+
+
 def prepare_imagenet(args):
     rank, world, device = sit.setup_distributed()
     stop = sit.StopFlag()  # SIGTERM / SIGUSR1 / Ctrl-C: finish the chunk at hand, exit 0; rerun to continue
@@ -391,13 +418,15 @@ def prepare_imagenet(args):
         if dist.is_initialized():
             dist.destroy_process_group()
         return
+    # every rank takes part in computing the statistics (they add up over ranks); then rank 0 checks and writes
+    norm = vae.latent_norm if args.latent_norm == 'vae' else channel_stats(out, rank, world, device)
     if rank == 0:
         missing = nchunks - len(_done_chunks(out))
         if missing:
             sit.fail(f'{missing} chunk(s) of {out} are not done; re-run the same command to finish them')
         write_meta(out, resolution=R, autoencoder=args.autoencoder or args.vae, latent_channels=C,
                    latent_size=R // down, num_classes=len(names), count=count, class_names=names, encoder=args.vae,
-                   **vae.latent_norm)
+                   **norm)
         for f in glob.glob(os.path.join(out, 'progress_rank*.json')) + [state_file]:
             os.remove(f)
         print(f'wrote {count} images ({len(names)} classes, {R}px, {len(skip)} skipped) to {out}')
@@ -484,6 +513,8 @@ def main(argv=None):
     i.add_argument('--vae', default='stabilityai/sd-vae-ft-ema',
                    help='the VAE: hub id owner/name[/folder], an SD-VAE weights file, or a diffusers folder')
     i.add_argument('--autoencoder', help='decoder recorded in dataset.json (default: --vae)')
+    i.add_argument('--latent-norm', default='vae', choices=['vae', 'dataset'],
+                   help="vae: the normalisation the VAE ships; dataset: per-channel mean/std computed over this set")
     i.add_argument('--resolution', type=int, default=256)
     i.add_argument('--batch-size', type=int, default=32, help='images per VAE forward')
     i.add_argument('--num-workers', type=int, default=8, help='JPEG decoding processes per rank')

@@ -376,7 +376,8 @@ def latent_norm(meta, device='cpu'):
       scalar       latent_scale k, latent_shift m, s = 1: SD-VAE (k = 0.18215, m = 0); SD3 / FLUX VAEs (their
                    scaling_factor and shift_factor, diffusers' (z - shift_factor) * scaling_factor)
       per channel  latent_mean m, latent_std s (C numbers each), then latent_scale k: ReaLS's mean_std.json (k = 1),
-                   or a config's latents_mean / latents_std (k = scaling_factor, as diffusers' SDXL pipeline)
+                   a config's latents_mean / latents_std (k = scaling_factor, as diffusers' SDXL pipeline), or
+                   statistics prepare.py computed over the dataset (k = 1, as LightningDiT)
     Datasets prepared before these forms hold latent_scale only: m = 0, s = 1, bit-identical to z * scale."""
     if 'latent_mean' in meta:
         m, s = (torch.tensor(meta[key], device=device).view(1, -1, 1, 1) for key in ('latent_mean', 'latent_std'))

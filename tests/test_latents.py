@@ -1,7 +1,7 @@
 """Latent spaces beyond SD-VAE: our AutoencoderKL built from diffusers configs (SD, SD3, FLUX, SDXL-style) against
 diffusers' own on the same random weights, each normalisation against the formula diffusers' pipelines (or
-LightningDiT) use, the round trip through sample_latents / decode_latents, ReaLS's mean_std.json, prepare.py
-on a FLUX-like VAE. Tiny VAEs: blocks (32, 64), one resnet each, so 2x downsampling."""
+LightningDiT) use, the round trip through sample_latents / decode_latents, ReaLS's mean_std.json, prepare.py's
+per-channel statistics. Tiny VAEs: blocks (32, 64), one resnet each, so 2x downsampling."""
 import json
 import os
 import shutil
@@ -215,7 +215,7 @@ def run_prepare(src, out, vae, *extra):
                   '--batch-size', '2', '--chunk-size', '4', '--num-workers', '0', *extra])
 
 
-def test_prepare_flux_like(vaes, images, tmp_path):
+def test_prepare_flux_like_and_computed_stats(vaes, images, tmp_path):
     folder = vaes['flux'][1]
     run_prepare(images, tmp_path / 'vae', folder)
     meta = sit.read_dataset_meta(str(tmp_path / 'vae'))
@@ -224,10 +224,19 @@ def test_prepare_flux_like(vaes, images, tmp_path):
     moments = np.load(tmp_path / 'vae' / 'moments.npy')
     assert moments.shape == (6, 32, 4, 4)
 
+    run_prepare(images, tmp_path / 'dataset', folder, '--latent-norm', 'dataset')
+    meta = sit.read_dataset_meta(str(tmp_path / 'dataset'))
+    assert meta['latent_scale'] == 1.0 and 'latent_shift' not in meta and len(meta['latent_mean']) == 16
+    assert np.array_equal(np.load(tmp_path / 'dataset' / 'moments.npy'), moments)
+    # independent check: the latents training draws, normalised, have mean 0 and std 1 in every channel
+    torch.manual_seed(0)
+    draws = torch.cat([sit.sample_latents(torch.from_numpy(moments), meta) for _ in range(400)])  # (2400, 16, 4, 4)
+    assert draws.mean((0, 2, 3)).abs().max() < 0.02 and (draws.std((0, 2, 3)) - 1).abs().max() < 0.02
+
     # the set trains as is, with SiT-T/1 on its 16x4x4 latents (8 px images: the preview's 50 steps stay cheap),
     # and previews decode through the recorded VAE
     import train_vanilla
-    train_vanilla.main(['--data-path', str(tmp_path / 'vae'), '--out', str(tmp_path / 'run'), '--model', 'SiT-T/1',
+    train_vanilla.main(['--data-path', str(tmp_path / 'dataset'), '--out', str(tmp_path / 'run'), '--model', 'SiT-T/1',
                         '--global-batch', '4', '--max-steps', '2', '--sample-every', '2', '--preview-cfg', '1',
                         '--num-workers', '0'])
     with Image.open(tmp_path / 'run' / 'preview_0000002.png') as grid:
