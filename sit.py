@@ -1372,17 +1372,21 @@ def _hub_file(repo, sub, filename, fix):
 def _resolve_vae(name):
     """--vae NAME -> (weights file, config dict, folder that may hold mean_std.json or None, where the config is):
       a file                SD kl-f8 weights (.safetensors, or a torch state dict .pt/.bin/.pth): SD_VAE_CONFIG
-      a folder              diffusers layout: config.json + diffusion_pytorch_model.safetensors [+ mean_std.json]
+      a folder              diffusers layout: config.json + diffusion_pytorch_model.safetensors (or .bin)
+                            [+ mean_std.json]
       owner/name[/folder]   a Hugging Face repo through the hub cache (folder: where a pipeline repo keeps its VAE,
                             e.g. vae for SD3 and FLUX); the stabilityai/sd-vae-ft-* names fetch only their weights"""
     path = os.path.expanduser(name)
     if os.path.isdir(path):
-        missing = [f for f in ('config.json', VAE_FILE) if not os.path.isfile(os.path.join(path, f))]
+        # diffusers saved pickled .bin weights before safetensors became its default
+        weights = next((f for f in (VAE_FILE, VAE_FILE.replace('.safetensors', '.bin'))
+                        if os.path.isfile(os.path.join(path, f))), VAE_FILE)
+        missing = [f for f in ('config.json', weights) if not os.path.isfile(os.path.join(path, f))]
         if missing:
             fail(f"VAE: folder {path} has no {' and no '.join(missing)}; a diffusers AutoencoderKL folder holds "
                  f"config.json (shape and latent normalisation) and {VAE_FILE} (pass an SD kl-f8 weights file itself)")
         cfg_file = os.path.join(path, 'config.json')
-        return os.path.join(path, VAE_FILE), _read_config(cfg_file), path, cfg_file
+        return os.path.join(path, weights), _read_config(cfg_file), path, cfg_file
     if os.path.isfile(path):
         return path, dict(SD_VAE_CONFIG), None, SD_DEFAULTS
     parts = name.split('/')

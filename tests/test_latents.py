@@ -120,6 +120,17 @@ def test_round_trips_and_old_datasets():
     assert torch.equal(sit.decode_latents(new, forms['old']), sit.to_uint8(new / 0.18215))
 
 
+def test_pickled_bin_folder(vaes, tmp_path):
+    """A folder saved before diffusers' safetensors default: diffusion_pytorch_model.bin beside config.json."""
+    m = vaes['sd3'][0]
+    m.save_pretrained(str(tmp_path / 'bin'), safe_serialization=False)
+    assert sorted(os.listdir(tmp_path / 'bin')) == ['config.json', 'diffusion_pytorch_model.bin']
+    z = torch.randn(1, 16, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(sit.load_vae(str(tmp_path / 'bin')).decode(z), m.decode(z).sample,
+                                   rtol=1e-4, atol=1e-4)
+
+
 def with_file(src, dst, name, content):
     shutil.copytree(src, dst)
     with open(os.path.join(dst, name), 'w') as f:
