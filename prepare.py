@@ -16,10 +16,19 @@ at a random position, size and rotation on a dark background; deterministic from
 `imagenet` reads any ImageFolder: one sub-folder per class (sorted names -> labels 0..K-1, names kept as
 class_names), image files (.jpeg/.jpg/.png/...; other files are ignored) sorted by name within a class. Each image
 gets the ADM center crop (center_crop_arr; grayscale, CMYK, RGBA, palette images are converted to RGB) and is
-stored as uint8 (N, 3, 256, 256) together with its SD-VAE encoder moments cat[mean, std] (N, 8, 32, 32) float32.
---vae names the encoder weights (hub id or local file/dir); --autoencoder the decoder recorded in dataset.json
-(sd-vae-ft-ema and -ft-mse share the encoder). --classes K | syn1,syn2,... and --limit N (per class) make subsets;
---resolution (multiple of 8) other sizes. Full ImageNet train: ~252 GB of images.npy + 42 GB of moments.npy.
+stored as uint8 (N, 3, 256, 256) together with its VAE encoder moments cat[mean, std] float32: (N, 8, 32, 32) for
+SD-VAE, (N, 32, 32, 32) for SD3 / FLUX VAEs. --vae names the VAE (hub id, an SD-VAE weights file, or a diffusers
+folder with config.json); --autoencoder the decoder recorded in dataset.json (default: the --vae VAE; sd-vae-ft-ema
+and -ft-mse share the encoder). --classes K | syn1,syn2,... and --limit N (per class) make subsets; --resolution
+(a multiple of the VAE's downsampling) other sizes. Full ImageNet train with SD-VAE: ~252 GB of images.npy + 42 GB
+of moments.npy.
+
+Latent normalisation (dataset.json; training, previews and sample.py use it through sit.latent_norm):
+--latent-norm vae (default) records what the VAE ships: mean_std.json beside its weights (ReaLS: (z - mean) / std),
+else the config's latents_mean / latents_std with scaling_factor, else scaling_factor and shift_factor (SD-VAE:
+0.18215, no shift; SD3 / FLUX: both). --latent-norm dataset computes a per-channel mean and std over the whole
+prepared set instead (VA-VAE / REPA-E style), exactly: of the latents training draws (mean + std * eps), from the
+stored moments, in float64 (channel_stats).
 `repa` copies REPA's already-encoded folder (its moments are cat[mean, std] too) in one process, not resumable.
 
 Unreadable files: before anything is allocated, every file is read once by PIL (JPEGs in draft mode: every byte is
@@ -160,18 +169,18 @@ def prepare_toy(out, per_class=500, resolution=16, seed=0):
 
 
 # -----------------------------------------------------------------------------
-# ImageNet (any ImageFolder) -> images + SD-VAE moments, sharded over ranks, resumable
+# ImageNet (any ImageFolder) -> images + VAE moments, sharded over ranks, resumable
 
 @torch.no_grad()
 def vae_encode_moments(vae, images, batch_size=32):
-    """uint8 images (N, 3, H, W) -> float32 moments cat[mean, std] (N, 8, H/8, W/8) on CPU."""
+    """uint8 images (N, 3, H, W) -> float32 moments cat[mean, std] (N, 2C, H/f, W/f) on CPU."""
     device = next(vae.parameters()).device
     out = []
     for xb in torch.as_tensor(images).split(batch_size):
         x = xb.to(device, torch.float32) / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
         # no autocast: these moments become the training set, computed once; bf16 would keep ~3 digits (cuDNN may
         # still use TF32 convolutions on Ampere+ unless torch.backends.cudnn.allow_tf32 is off, as in REPA's run)
-        out.append(vae.encode_moments(x).float().cpu())  # (B, 8, H/8, W/8)
+        out.append(vae.encode_moments(x).float().cpu())  # (B, 2C, H/f, W/f)
     return torch.cat(out)
 
 
@@ -262,6 +271,30 @@ def _done_chunks(out):
     return {c for f in glob.glob(os.path.join(out, 'progress_rank*.json')) for c in _read_json(f)}
 
 
+def channel_stats(out, rank=0, world=1, device='cpu', batch=256):
+    """--latent-norm dataset: per-channel mean and std of the latents training draws, z = mean + std * eps, over
+    every image of the prepared set. Exact rather than estimated from drawn samples: over images and positions,
+    E[z] = E[mean] and Var[z] = E[mean^2 + std^2] - E[z]^2, summed in float64. (LightningDiT estimates the same
+    from one drawn latent each of 10K images.) Ranks take every world-th batch and add up their sums."""
+    moments = np.load(os.path.join(out, 'moments.npy'), mmap_mode='r')
+    n, C = len(moments), moments.shape[1] // 2
+    sums = torch.zeros(2, C, dtype=torch.float64)
+    for lo in range(rank * batch, n, world * batch):
+        mean, std = torch.from_numpy(np.array(moments[lo:lo + batch], dtype=np.float64)).chunk(2, dim=1)  # (B, C, h, w)
+        sums[0] += mean.sum((0, 2, 3))
+        sums[1] += (mean ** 2 + std ** 2).sum((0, 2, 3))
+    if dist.is_initialized():
+        sums = sums.to(device)
+        dist.all_reduce(sums)
+    mu, second = sums.cpu() / (n * moments.shape[2] * moments.shape[3])  # (C,) each
+    var = second - mu ** 2
+    if (var <= 0).any():
+        sit.fail(f'latent channel {int((var <= 0).nonzero()[0])} is constant over {out}: it cannot be standardised; '
+                 f'use --latent-norm vae')
+    return {'latent_mean': mu.tolist(), 'latent_std': var.sqrt().tolist(), 'latent_scale': 1.0,
+            'latent_norm_from': f'prepare.py: over all {n} images, sampled latents'}
+
+
 def prepare_imagenet(args):
     rank, world, device = sit.setup_distributed()
     stop = sit.StopFlag()  # SIGTERM / SIGUSR1 / Ctrl-C: finish the chunk at hand, exit 0; rerun to continue
@@ -277,8 +310,10 @@ def prepare_imagenet(args):
         if rank == 0:
             print(f"'{out}' is already prepared (dataset.json exists); delete the folder to prepare it again")
         return
-    if R % 8:
-        fail_all(f'--resolution must be a multiple of 8 (the VAE downsamples 8x), got {R}')
+    vae = sit.load_vae(args.vae, device)  # before the long file check: a wrong --vae fails at once
+    down, C = vae.factor, vae.latent_channels
+    if R % down:
+        fail_all(f'--resolution must be a multiple of {down} (the VAE downsamples {down}x), got {R}')
     paths, labels, names = list_image_folder(args.src, args.classes, args.limit)
     rel = [os.path.relpath(p, args.src) for p in paths]
     # what a resumed run must agree on (batch size, workers and rank count may change)
@@ -328,8 +363,8 @@ def prepare_imagenet(args):
                 with open(os.path.join(out, 'bad_files.txt'), 'w') as f:
                     f.writelines(r + '\n' for r in bad_rel)
             keep = [i for i, p in enumerate(paths) if p not in bad_paths]
-            # float32 moments: 32 KB per image next to 192 KB of pixels, and exactly what the encoder gave
-            arrays = open_arrays(out, len(keep), R, sit.VAE_LATENT_CHANNELS, R // 8, np.float32)
+            # float32 moments: 32 KB per image (SD-VAE) next to 192 KB of pixels, and exactly what the encoder gave
+            arrays = open_arrays(out, len(keep), R, C, R // down, np.float32)
             arrays['labels'][:] = np.asarray(labels)[keep]
             for a in arrays.values():
                 a.flush()
@@ -352,7 +387,6 @@ def prepare_imagenet(args):
         print(f'{count} images, {nchunks} chunks of {chunk}: {len(todo)} to do ({todo_images} images) on {world} '
               f'rank(s), device {device}', flush=True)
 
-    vae = sit.load_vae(args.vae, device)
     arrays = {k: np.load(os.path.join(out, f'{k}.npy'), mmap_mode='r+') for k in ('images', 'moments')}
     batches = [list(range(s, min(s + args.batch_size, (c + 1) * chunk, count)))
                for c in my_chunks for s in range(c * chunk, min((c + 1) * chunk, count), args.batch_size)]
@@ -363,7 +397,7 @@ def prepare_imagenet(args):
             sit.fail(f'cannot read image {errors[0][0]} ({errors[0][1]})')
         lo, hi = idx[0], idx[-1] + 1
         arrays['images'][lo:hi] = x.numpy()  # (B, 3, R, R) uint8
-        arrays['moments'][lo:hi] = vae_encode_moments(vae, x, len(idx)).numpy()  # (B, 8, R/8, R/8) float32
+        arrays['moments'][lo:hi] = vae_encode_moments(vae, x, len(idx)).numpy()  # (B, 2C, R/f, R/f) float32
         n += len(idx)
         if hi == min((lo // chunk + 1) * chunk, count):  # last batch of its chunk
             for a in arrays.values():
@@ -384,13 +418,15 @@ def prepare_imagenet(args):
         if dist.is_initialized():
             dist.destroy_process_group()
         return
+    # every rank takes part in computing the statistics (they add up over ranks); then rank 0 checks and writes
+    norm = vae.latent_norm if args.latent_norm == 'vae' else channel_stats(out, rank, world, device)
     if rank == 0:
         missing = nchunks - len(_done_chunks(out))
         if missing:
             sit.fail(f'{missing} chunk(s) of {out} are not done; re-run the same command to finish them')
-        write_meta(out, resolution=R, autoencoder=args.autoencoder, latent_scale=sit.VAE_SCALE,
-                   latent_channels=sit.VAE_LATENT_CHANNELS, latent_size=R // 8, num_classes=len(names), count=count,
-                   class_names=names, encoder=args.vae)
+        write_meta(out, resolution=R, autoencoder=args.autoencoder or args.vae, latent_channels=C,
+                   latent_size=R // down, num_classes=len(names), count=count, class_names=names, encoder=args.vae,
+                   **norm)
         for f in glob.glob(os.path.join(out, 'progress_rank*.json')) + [state_file]:
             os.remove(f)
         print(f'wrote {count} images ({len(names)} classes, {R}px, {len(skip)} skipped) to {out}')
@@ -471,11 +507,14 @@ def main(argv=None):
     t.add_argument('--per-class', type=int, default=500, help='images per class (10 classes)')
     t.add_argument('--resolution', type=int, default=16)
     t.add_argument('--seed', type=int, default=0)
-    i = sub.add_parser('imagenet', help='an ImageFolder (ImageNet train/) -> images + SD-VAE moments; torchrun-able')
+    i = sub.add_parser('imagenet', help='an ImageFolder (ImageNet train/) -> images + VAE moments; torchrun-able')
     i.add_argument('--src', required=True, help='folder with one sub-folder of images per class')
     i.add_argument('--out', default='data/imagenet256')
-    i.add_argument('--vae', default='stabilityai/sd-vae-ft-ema', help='encoder weights: hub id or local file/dir')
-    i.add_argument('--autoencoder', default='stabilityai/sd-vae-ft-ema', help='decoder recorded in dataset.json')
+    i.add_argument('--vae', default='stabilityai/sd-vae-ft-ema',
+                   help='the VAE: hub id owner/name[/folder], an SD-VAE weights file, or a diffusers folder')
+    i.add_argument('--autoencoder', help='decoder recorded in dataset.json (default: --vae)')
+    i.add_argument('--latent-norm', default='vae', choices=['vae', 'dataset'],
+                   help="vae: the normalisation the VAE ships; dataset: per-channel mean/std computed over this set")
     i.add_argument('--resolution', type=int, default=256)
     i.add_argument('--batch-size', type=int, default=32, help='images per VAE forward')
     i.add_argument('--num-workers', type=int, default=8, help='JPEG decoding processes per rank')

@@ -45,7 +45,8 @@ def parse_args(argv=None):
     p.add_argument('--model', help='SiT-XL/2, ...: required for released state dicts (ours store it)')
     p.add_argument('--data-path', help="prepared dataset whose dataset.json gives the latent layout (fallback)")
     p.add_argument('--sit-convention', action='store_true', help='weights trained in the original SiT time direction')
-    p.add_argument('--vae', help='local SD-VAE weights (file or folder) instead of the hub name in dataset.json')
+    p.add_argument('--vae', help="the dataset's VAE from elsewhere (a folder, weights file or hub name) instead of "
+                                 "the autoencoder dataset.json names")
     p.add_argument('--num-samples', type=int, default=50_000)
     p.add_argument('--batch-size', type=int, default=64, help='per process; part of the SDE noise seed')
     p.add_argument('--mode', default='sde', choices=['sde', 'ode'])

@@ -1,13 +1,14 @@
 """
 sit.py: the one shared module. In reading order: the convention and `fail`; the SiT backbone; the flow (label
 dropout, latents, samplers); the prepared dataset; the frozen DINOv2 teacher; the training plumbing every
-train_*.py shares (distributed set-up, resume, checkpoints, signals, config, logging); pixels and the SD-VAE.
+train_*.py shares (distributed set-up, resume, checkpoints, signals, config, logging); pixels and the VAE.
 The training scripts, sample.py, prepare.py and benchmark.py import it; fid.py stands alone.
 
 The convention (REPA's, used by every script in this repo):
   x_t = (1 - t) * x + t * eps        t ~ U(0, 1); t = 0 is data, t = 1 is noise
   v   = eps - x                      the network predicts this velocity; loss = mean (v_pred - v)^2
-  z   = (mean + std * randn) * scale latents drawn from stored encoder moments (scale 0.18215 for SD-VAE)
+  z   = (mean + std * randn - m) / s * k   latents drawn from stored encoder moments, normalised as dataset.json
+                                     says (SD-VAE: m = 0, s = 1, k = 0.18215; see latent_norm)
   labels: num_classes is the null class used for classifier-free guidance
 The original SiT repo runs time the other way (t = 0 noise, v = x - eps); see `flip_time` below.
 """
@@ -323,7 +324,8 @@ def _make(depth, hidden_size, num_heads, patch_size):
     return build
 
 
-SiT_models = {f'SiT-{s}/{p}': _make(*SIZES[s], p) for s in SIZES for p in (2, 4, 8)}
+# patch 1 is for f16 latents (16x16 at 256 px), as REPA-E's and LightningDiT's */1 models
+SiT_models = {f'SiT-{s}/{p}': _make(*SIZES[s], p) for s in SIZES for p in (1, 2, 4, 8)}
 
 
 def unwrap(net):
@@ -371,11 +373,27 @@ def drop_labels(y, p, num_classes):
     return torch.where(torch.rand(y.shape, device=y.device) < p, num_classes, y)
 
 
+def latent_norm(meta, device='cpu'):
+    """dataset.json's latent normalisation as (m, s, k): the network sees z' = (z - m) / s * k, and decoding
+    inverts it, z = z' / k * s + m. prepare.py writes one of two forms:
+      scalar       latent_scale k, latent_shift m, s = 1: SD-VAE (k = 0.18215, m = 0); SD3 / FLUX VAEs (their
+                   scaling_factor and shift_factor, diffusers' (z - shift_factor) * scaling_factor)
+      per channel  latent_mean m, latent_std s (C numbers each), then latent_scale k: ReaLS's mean_std.json (k = 1),
+                   a config's latents_mean / latents_std (k = scaling_factor, as diffusers' SDXL pipeline), or
+                   statistics prepare.py computed over the dataset (k = 1, as LightningDiT)
+    Datasets prepared before these forms hold latent_scale only: m = 0, s = 1, bit-identical to z * scale."""
+    if 'latent_mean' in meta:
+        m, s = (torch.tensor(meta[key], device=device).view(1, -1, 1, 1) for key in ('latent_mean', 'latent_std'))
+        return m, s, meta['latent_scale']                                    # (1, C, 1, 1), (1, C, 1, 1), float
+    return meta.get('latent_shift', 0.0), 1.0, meta['latent_scale']
+
+
 def sample_latents(moments, meta):
-    """z = (mean + std * randn) * scale, drawn afresh every step from the stored encoder moments, in the
-    normalisation dataset.json records (decode_latents inverts it)."""
+    """z = mean + std * randn, drawn afresh every step from the stored encoder moments, normalised as dataset.json
+    records (latent_norm; decode_latents inverts it)."""
     mean, std = moments.chunk(2, dim=1)                                      # (N, C, h, w) each
-    return (mean + std * torch.randn_like(mean)) * meta['latent_scale']
+    m, s, k = latent_norm(meta, moments.device)
+    return (mean + std * torch.randn_like(mean) - m) / s * k
 
 
 def guided_velocity(model, x, t, y, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0, guide=None):
@@ -520,7 +538,8 @@ def sample(model, noise, y, mode='sde', num_steps=250, heun=False, cfg_scale=1.0
 #   images.npy   uint8   (N, 3, R, R)   what the teacher sees (REPA-style methods)
 #   moments.npy  float   (N, 2C, h, w)  encoder mean and std, concatenated on dim 1
 #   labels.npy   int64   (N,)
-#   dataset.json {format, resolution, autoencoder, latent_scale, latent_channels, latent_size, num_classes, count}
+#   dataset.json {format, resolution, autoencoder, latent_scale, latent_channels, latent_size, num_classes, count,
+#                 [latent_shift | latent_mean, latent_std], latent_norm_from, ...}   (normalisation: see latent_norm)
 
 DATASET_FORMAT = 1
 
@@ -536,6 +555,11 @@ def read_dataset_meta(path):
         meta = json.load(f)
     if meta.get('format') != DATASET_FORMAT:
         fail(f"'{path}' has dataset format {meta.get('format')}, this code reads {DATASET_FORMAT}; re-run prepare.py")
+    c, keys = meta.get('latent_channels'), ('latent_mean', 'latent_std')
+    numbers = lambda v: isinstance(v, list) and len(v) == c and all(isinstance(x, (int, float)) for x in v)
+    if any(k in meta for k in keys) and not (all(numbers(meta.get(k)) for k in keys) and min(meta['latent_std']) > 0):
+        fail(f"'{meta_path}': latent_mean and latent_std must be lists of latent_channels ({c}) numbers, the std "
+             f"positive; re-run prepare.py")
     return meta
 
 
@@ -1067,7 +1091,7 @@ class Logger:
 
 
 # -----------------------------------------------------------------------------
-# Pixels: the one uint8 conversion, decoding, grids; then the SD-VAE
+# Pixels: the one uint8 conversion, decoding, grids; then the VAE
 
 def to_uint8(x, round=False):
     """The repo's one pixel conversion: clamp to [-1, 1], (x + 1) * 127.5, then truncate to uint8 as REPA's,
@@ -1078,14 +1102,25 @@ def to_uint8(x, round=False):
 
 
 def decode_latents(z, meta, vae=None, round=False):
-    """Scaled latents (N, C, h, w) -> uint8 images (N, 3, R, R) on CPU. Runs in the caller's autocast, if any."""
-    x = z.float() / meta['latent_scale']
+    """Normalised latents (N, C, h, w) -> uint8 images (N, 3, R, R) on CPU: dataset.json's normalisation inverted
+    (latent_norm), then the decoder. Runs in the caller's autocast, if any."""
+    m, s, k = latent_norm(meta, z.device)
+    x = z.float() / k * s + m                                                # (N, C, h, w), the VAE's own latents
     return to_uint8(x, round).cpu() if vae is None else vae_decode_to_uint8(vae, x, round=round)
 
 
 def load_autoencoder(meta, device, path=None):
-    """The dataset's decoder: None for the toy set's identity, else the SD-VAE (hub name in dataset.json, or PATH)."""
-    return None if meta['autoencoder'] == 'identity' else load_vae(path or meta['autoencoder'], device)
+    """The dataset's decoder: None for the toy set's identity, else the VAE dataset.json names (or PATH), which
+    must make the dataset's latents: as many channels, the same downsampling."""
+    if meta['autoencoder'] == 'identity':
+        return None
+    name = path or meta['autoencoder']
+    vae = load_vae(name, device)
+    c, f = meta['latent_channels'], meta['resolution'] // meta['latent_size']
+    if (vae.latent_channels, vae.factor) != (c, f):
+        fail(f"VAE {name} makes {vae.latent_channels}-channel latents at 1/{vae.factor} of the image size but the "
+             f"dataset's are {c}-channel at 1/{f}; pass the VAE the dataset was prepared with (--vae)")
+    return vae
 
 
 def save_grid(images, path, nrow):
@@ -1104,14 +1139,17 @@ def save_grid(images, path, nrow):
 
 
 # -----------------------------------------------------------------------------
-# SD-VAE (kl-f8 AutoencoderKL of Stable Diffusion), own implementation.
-# Module and attribute names mirror diffusers' AutoencoderKL so the released
-# stabilityai/sd-vae-ft-{ema,mse} diffusion_pytorch_model.safetensors load with
-# strict=True. Only the one SD config exists here, hence the constants.
+# The VAE: diffusers' AutoencoderKL architecture, own implementation, built from a diffusers config.json. That
+# covers SD's kl-f8 (the default), SD3's and FLUX's 16-channel VAEs (no quant convs) and ReaLS (4 channels, f8, a
+# diffusers folder). Module and attribute names mirror diffusers' so its diffusion_pytorch_model.safetensors load with
+# strict=True; a config asking for anything this code builds differently is refused in one line.
 
-VAE_CHANNELS = (128, 256, 512, 512)  # block_out_channels; 3 resamplings -> 8x
-VAE_LATENT_CHANNELS = 4
-VAE_SCALE = 0.18215  # latents are scaled by this for training (z / VAE_SCALE before decoding)
+# SD's kl-f8: what a bare weights file and the stabilityai/sd-vae-ft-* names mean (their config.json says the same;
+# those names need only their weights file, so hub caches filled by earlier versions of this code keep working)
+SD_VAE_CONFIG = {'block_out_channels': [128, 256, 512, 512], 'layers_per_block': 2, 'latent_channels': 4}
+SD_VAE_NAMES = ('stabilityai/sd-vae-ft-ema', 'stabilityai/sd-vae-ft-mse')
+SD_DEFAULTS = 'SD kl-f8 defaults'  # where such a VAE's config comes from, in messages and dataset.json
+VAE_SCALE = 0.18215  # SD's scaling_factor: its latents are scaled by this for training
 VAE_FILE = 'diffusion_pytorch_model.safetensors'
 
 
@@ -1191,35 +1229,39 @@ class VAEBlock(nn.Module):
 
 
 class VAEEncoder(nn.Module):
-    def __init__(self, ch=VAE_CHANNELS):
+    """len(ch) blocks of n resnets, each but the last halving the resolution; 2C outputs (mean, logvar of C)."""
+
+    def __init__(self, ch, n, C):
         super().__init__()
         self.conv_in = nn.Conv2d(3, ch[0], 3, padding=1)
         self.down_blocks = nn.ModuleList([
-            VAEBlock(ch[max(i - 1, 0)], c, 2, 'down' if i < len(ch) - 1 else None) for i, c in enumerate(ch)])
+            VAEBlock(ch[max(i - 1, 0)], c, n, 'down' if i < len(ch) - 1 else None) for i, c in enumerate(ch)])
         self.mid_block = VAEMidBlock(ch[-1])
         self.conv_norm_out = _group_norm(ch[-1])
-        self.conv_out = nn.Conv2d(ch[-1], 2 * VAE_LATENT_CHANNELS, 3, padding=1)
+        self.conv_out = nn.Conv2d(ch[-1], 2 * C, 3, padding=1)
 
-    def forward(self, x):  # (N, 3, H, W)
+    def forward(self, x):  # (N, 3, H, W); shapes below for SD's kl-f8
         x = self.conv_in(x)  # (N, 128, H, W)
         for block in self.down_blocks:
             x = block(x)  # ... -> (N, 512, H/8, W/8)
         x = self.mid_block(x)  # (N, 512, H/8, W/8)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))  # (N, 8, H/8, W/8)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))  # (N, 2C, H/8, W/8)
 
 
 class VAEDecoder(nn.Module):
-    def __init__(self, ch=VAE_CHANNELS):
+    """The encoder mirrored: blocks of n resnets (diffusers: one more than the encoder), each but the last doubling."""
+
+    def __init__(self, ch, n, C):
         super().__init__()
-        rch = ch[::-1]  # (512, 512, 256, 128)
-        self.conv_in = nn.Conv2d(VAE_LATENT_CHANNELS, rch[0], 3, padding=1)
+        rch = ch[::-1]  # SD: (512, 512, 256, 128)
+        self.conv_in = nn.Conv2d(C, rch[0], 3, padding=1)
         self.mid_block = VAEMidBlock(rch[0])
         self.up_blocks = nn.ModuleList([
-            VAEBlock(rch[max(i - 1, 0)], c, 3, 'up' if i < len(ch) - 1 else None) for i, c in enumerate(rch)])
+            VAEBlock(rch[max(i - 1, 0)], c, n, 'up' if i < len(ch) - 1 else None) for i, c in enumerate(rch)])
         self.conv_norm_out = _group_norm(rch[-1])
         self.conv_out = nn.Conv2d(rch[-1], 3, 3, padding=1)
 
-    def forward(self, z):  # (N, 4, h, w)
+    def forward(self, z):  # (N, C, h, w); shapes below for SD's kl-f8
         x = self.mid_block(self.conv_in(z))  # (N, 512, h, w)
         for block in self.up_blocks:
             x = block(x)  # ... -> (N, 128, 8h, 8w)
@@ -1227,21 +1269,159 @@ class VAEDecoder(nn.Module):
 
 
 class AutoencoderKL(nn.Module):
-    def __init__(self):
+    """diffusers' AutoencoderKL from its config fields; the defaults are SD's kl-f8. SD3 and FLUX VAEs: 16 latent
+    channels and neither 1x1 conv (use_quant_conv, use_post_quant_conv false). latent_norm is the normalisation the
+    VAE ships, as dataset.json fields (see latent_norm); load_vae sets it from the config or mean_std.json."""
+
+    def __init__(self, block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                 use_quant_conv=True, use_post_quant_conv=True):
         super().__init__()
-        self.encoder = VAEEncoder()
-        self.decoder = VAEDecoder()
-        self.quant_conv = nn.Conv2d(2 * VAE_LATENT_CHANNELS, 2 * VAE_LATENT_CHANNELS, 1)
-        self.post_quant_conv = nn.Conv2d(VAE_LATENT_CHANNELS, VAE_LATENT_CHANNELS, 1)
+        C = self.latent_channels = latent_channels
+        self.factor = 2 ** (len(block_out_channels) - 1)  # one 2x resampling between consecutive blocks
+        self.encoder = VAEEncoder(block_out_channels, layers_per_block, C)
+        self.decoder = VAEDecoder(block_out_channels, layers_per_block + 1, C)
+        self.quant_conv = nn.Conv2d(2 * C, 2 * C, 1) if use_quant_conv else None
+        self.post_quant_conv = nn.Conv2d(C, C, 1) if use_post_quant_conv else None
+        self.latent_norm = _shipped_norm({}, None, C, SD_DEFAULTS)  # diffusers' defaults: SD's scaling_factor
 
     def encode_moments(self, x):
-        """x (N, 3, H, W) in [-1, 1] -> cat[mean, std] (N, 8, H/8, W/8); the latent is mean + std * eps, unscaled."""
-        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)  # (N, 4, H/8, W/8) each
+        """x (N, 3, H, W) in [-1, 1] -> cat[mean, std] (N, 2C, H/f, W/f); the latent is mean + std * eps, unscaled."""
+        h = self.encoder(x)  # (N, 2C, H/f, W/f)
+        mean, logvar = (h if self.quant_conv is None else self.quant_conv(h)).chunk(2, dim=1)  # (N, C, H/f, W/f)
         return torch.cat([mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))], dim=1)  # clamp as diffusers
 
     def decode(self, z):
-        """Unscaled latent z (N, 4, h, w) -> image (N, 3, 8h, 8w), roughly in [-1, 1]."""
-        return self.decoder(self.post_quant_conv(z))
+        """Unscaled latent z (N, C, h, w) -> image (N, 3, f*h, f*w), roughly in [-1, 1]."""
+        return self.decoder(z if self.post_quant_conv is None else self.post_quant_conv(z))
+
+
+def _vae_arch(cfg, where):
+    """A diffusers AutoencoderKL config -> our constructor's arguments. Keys that only change the numbers diffusers
+    uses elsewhere (sample_size, force_upcast, the normalisation) are read by _shipped_norm or not needed."""
+    if not isinstance(cfg, dict) or not all(k in cfg for k in SD_VAE_CONFIG):
+        fail(f"VAE: {where} lacks {', '.join(k for k in SD_VAE_CONFIG if k not in (cfg or {}))}: not a diffusers "
+             f"AutoencoderKL config.json")
+    n = len(cfg['block_out_channels'])
+    want = {'_class_name': 'AutoencoderKL', 'in_channels': 3, 'out_channels': 3, 'act_fn': 'silu',
+            'norm_num_groups': 32, 'mid_block_add_attention': True,
+            'down_block_types': ['DownEncoderBlock2D'] * n, 'up_block_types': ['UpDecoderBlock2D'] * n}
+    bad = [f'{k}={cfg[k]}' for k, v in want.items()
+           if k in cfg and (list(cfg[k]) if isinstance(v, list) else cfg[k]) != v]
+    if bad:
+        fail(f"VAE: {where} asks for {', '.join(bad)}; this repo builds AutoencoderKL with plain DownEncoderBlock2D / "
+             f"UpDecoderBlock2D blocks, silu, 32 norm groups and mid-block attention only")
+    return dict(block_out_channels=list(cfg['block_out_channels']), layers_per_block=cfg['layers_per_block'],
+                latent_channels=cfg['latent_channels'], use_quant_conv=cfg.get('use_quant_conv', True),
+                use_post_quant_conv=cfg.get('use_post_quant_conv', True))
+
+
+def _per_channel(value, C, what, positive=False):
+    """One number, or C numbers in any nesting ((C,), (1, C, 1, 1), ...) -> a list of C floats, or one line."""
+    try:
+        flat = torch.as_tensor(value, dtype=torch.float64).flatten()
+    except (TypeError, ValueError, RuntimeError):  # None, a string, ragged lists
+        flat = None
+    if flat is None or flat.numel() not in (1, C) or not torch.isfinite(flat).all() or (positive and (flat <= 0).any()):
+        fail(f"VAE: {what} must be one {'positive ' if positive else ''}number or {C} (one per latent channel), "
+             f"got {str(value)[:80]}")
+    return flat.expand(C).tolist()
+
+
+def _read_mean_std(path, C):
+    """ReaLS's mean_std.json. Its layout is documented nowhere (the ReaLS repository has no code, the folder is on
+    Google Drive), so the readings that fit its name are accepted: {"mean": ..., "std": ...} or diffusers' key
+    names {"latents_mean": ..., "latents_std": ...}, each one number or one per channel."""
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, ValueError) as e:
+        fail(f"VAE: cannot read {path} ({type(e).__name__}: {str(e)[:80]})")
+    keys = next((k for k in (('mean', 'std'), ('latents_mean', 'latents_std')) if isinstance(d, dict)
+                 and all(x in d for x in k)), None)
+    if keys is None:
+        fail(f"VAE: {path} holds {sorted(d) if isinstance(d, dict) else type(d).__name__}; expected "
+             f'{{"mean": [...], "std": [...]}} with one number or {C} (one per latent channel) each')
+    return (_per_channel(d[keys[0]], C, f'{path} {keys[0]}'),
+            _per_channel(d[keys[1]], C, f'{path} {keys[1]}', positive=True))
+
+
+def _shipped_norm(cfg, folder, C, where):
+    """The normalisation a VAE ships, as dataset.json fields (see latent_norm), first found of:
+      mean_std.json beside the weights (ReaLS): (z - mean) / std, latent_scale 1. ReaLS does not say how its SiT
+        normalised latents; a standardised latent is what the file offers. The config's scaling_factor is not
+        applied on top: diffusers writes its default 0.18215 into every config, used or not
+      latents_mean / latents_std in config.json: (z - mean) / std * scaling_factor, as diffusers' SDXL pipeline
+      scaling_factor and shift_factor: (z - shift_factor) * scaling_factor (SD: no shift; SD3, FLUX: a shift)"""
+    path = os.path.join(folder, 'mean_std.json') if folder else None
+    if path and os.path.isfile(path):
+        mean, std = _read_mean_std(path, C)
+        return {'latent_mean': mean, 'latent_std': std, 'latent_scale': 1.0, 'latent_norm_from': path}
+    scale = _per_channel(cfg.get('scaling_factor', VAE_SCALE), 1, f'{where} scaling_factor', positive=True)[0]
+    if cfg.get('latents_mean') is not None or cfg.get('latents_std') is not None:
+        if cfg.get('shift_factor'):
+            fail(f"VAE: {where} sets both shift_factor and latents_mean / latents_std; keep one normalisation")
+        return {'latent_mean': _per_channel(cfg.get('latents_mean'), C, f'{where} latents_mean'),
+                'latent_std': _per_channel(cfg.get('latents_std'), C, f'{where} latents_std', positive=True),
+                'latent_scale': scale, 'latent_norm_from': f'{where}: latents_mean, latents_std, scaling_factor'}
+    shift = _per_channel(cfg.get('shift_factor') or 0.0, 1, f'{where} shift_factor')[0]
+    return {'latent_scale': scale, 'latent_shift': shift, 'latent_norm_from': f'{where}: scaling_factor, shift_factor'}
+
+
+def _read_config(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        fail(f"VAE: cannot read {path} ({type(e).__name__}: {str(e)[:80]})")
+
+
+def _hub_file(repo, sub, filename, fix):
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        fail(f"VAE: huggingface_hub is not installed, cannot fetch '{repo}': `pip install huggingface_hub`, or {fix}")
+    try:
+        return hf_hub_download(repo_id=repo, filename=filename, subfolder=sub)
+    except Exception as e:  # offline, unknown repo, missing file, auth: all end the same way for the user
+        msg = (str(e).strip().splitlines() or [''])[0][:160]
+        fail(f"VAE: could not get {filename} from Hugging Face repo '{repo}' ({type(e).__name__}: {msg}); {fix}")
+
+
+def _resolve_vae(name):
+    """--vae NAME -> (weights file, config dict, folder that may hold mean_std.json or None, where the config is):
+      a file                SD kl-f8 weights (.safetensors, or a torch state dict .pt/.bin/.pth): SD_VAE_CONFIG
+      a folder              diffusers layout: config.json + diffusion_pytorch_model.safetensors (or .bin)
+                            [+ mean_std.json]
+      owner/name[/folder]   a Hugging Face repo through the hub cache (folder: where a pipeline repo keeps its VAE,
+                            e.g. vae for SD3 and FLUX); the stabilityai/sd-vae-ft-* names fetch only their weights"""
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        # diffusers saved pickled .bin weights before safetensors became its default
+        weights = next((f for f in (VAE_FILE, VAE_FILE.replace('.safetensors', '.bin'))
+                        if os.path.isfile(os.path.join(path, f))), VAE_FILE)
+        missing = [f for f in ('config.json', weights) if not os.path.isfile(os.path.join(path, f))]
+        if missing:
+            fail(f"VAE: folder {path} has no {' and no '.join(missing)}; a diffusers AutoencoderKL folder holds "
+                 f"config.json (shape and latent normalisation) and {VAE_FILE} (pass an SD kl-f8 weights file itself)")
+        cfg_file = os.path.join(path, 'config.json')
+        return os.path.join(path, weights), _read_config(cfg_file), path, cfg_file
+    if os.path.isfile(path):
+        return path, dict(SD_VAE_CONFIG), None, SD_DEFAULTS
+    parts = name.split('/')
+    # a repo id is 'owner/name' (+ '/folder'); anything else that does not exist is a mistyped local path
+    if (path.endswith(('.safetensors', '.bin', '.pt', '.pth')) or len(parts) not in (2, 3) or not all(parts)
+            or name.startswith(('.', '/', '~'))):
+        fail(f"VAE: no such file or directory: {path} (pass --vae PATH to a diffusers AutoencoderKL folder, an SD-VAE "
+             f"{VAE_FILE}, or a Hugging Face repo owner/name[/folder])")
+    repo, sub = '/'.join(parts[:2]), (parts[2] if len(parts) == 3 else None)
+    files = [VAE_FILE] if name in SD_VAE_NAMES else ['config.json', VAE_FILE]
+    inside = f'{sub}/' if sub else ''
+    fix = (f"download where there is internet with `hf download {repo} "
+           f"{' '.join(inside + f for f in files)} --local-dir DIR` and pass --vae DIR{'/' + sub if sub else ''}")
+    got = [_hub_file(repo, sub, f, fix) for f in files]
+    if name in SD_VAE_NAMES:
+        return got[-1], dict(SD_VAE_CONFIG), None, SD_DEFAULTS
+    return got[-1], _read_config(got[0]), None, f'{name} config.json'
 
 
 # diffusers' deprecated attention names, still used in the released sd-vae-ft-* files
@@ -1255,50 +1435,26 @@ def _rename_old_attention_key(k):
     return '.'.join(parts)
 
 
-def _resolve_vae_file(name):
-    """Local file / directory / Hugging Face repo id -> path of a local weights file, or SystemExit."""
-    path = os.path.expanduser(name)
-    if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, VAE_FILE)):
-            fail(f"VAE: directory {path} has no {VAE_FILE}; pass the file itself with --vae PATH")
-        return os.path.join(path, VAE_FILE)
-    if os.path.isfile(path):
-        return path
-    # a repo id is 'owner/name'; anything else that does not exist is a mistyped local path
-    if (path.endswith(('.safetensors', '.bin', '.pt', '.pth')) or name.count('/') != 1
-            or name.startswith(('.', '/', '~'))):
-        fail(f"VAE: no such file or directory: {path} (pass --vae PATH to an SD-VAE {VAE_FILE})")
-    fix = (f"download it where there is internet with `hf download {name} {VAE_FILE} --local-dir DIR` "
-           f"and pass --vae DIR")
-    try:
-        from huggingface_hub import hf_hub_download
-    except ImportError:
-        fail(f"VAE: huggingface_hub is not installed, cannot fetch '{name}': `pip install huggingface_hub`, or {fix}")
-    try:
-        return hf_hub_download(repo_id=name, filename=VAE_FILE)
-    except Exception as e:  # offline, unknown repo, missing file, auth: all end the same way for the user
-        msg = (str(e).strip().splitlines() or [''])[0][:160]
-        fail(f"VAE: could not get {VAE_FILE} from Hugging Face repo '{name}' ({type(e).__name__}: {msg}); {fix}")
-
-
 def load_vae(name_or_path='stabilityai/sd-vae-ft-ema', device='cpu'):
-    """Load SD-VAE weights (diffusers layout) into our AutoencoderKL; frozen, eval mode, on `device`."""
-    file = _resolve_vae_file(name_or_path)
+    """A VAE (a file, a diffusers folder or a hub name, see _resolve_vae) as our AutoencoderKL: frozen, eval mode,
+    on `device`; vae.latent_norm is the normalisation it ships."""
+    file, cfg, folder, where = _resolve_vae(name_or_path)
+    vae = AutoencoderKL(**_vae_arch(cfg, where))
+    vae.latent_norm = _shipped_norm(cfg, folder, vae.latent_channels, where)
     if file.endswith('.safetensors'):
         from safetensors.torch import load_file
         sd = load_file(file)
     else:
         sd = torch.load(file, map_location='cpu', weights_only=True)
     sd = {_rename_old_attention_key(k): v for k, v in sd.items()}
-    vae = AutoencoderKL()
-    load_weights(vae, sd, f"VAE: {file} is not an SD-VAE kl-f8 state dict in diffusers layout")
+    load_weights(vae, sd, f"VAE: {file} is not the diffusers-layout state dict of the autoencoder {where} describes")
     return vae.to(device).eval().requires_grad_(False)
 
 
 @torch.no_grad()
 def vae_decode_to_uint8(vae, z, batch_size=32, round=False):
-    """Unscaled latents (N, 4, h, w) -> uint8 images (N, 3, 8h, 8w) on CPU, decoded batch_size at a time, in fp32
+    """Unscaled latents (N, C, h, w) -> uint8 images (N, 3, f*h, f*w) on CPU, decoded batch_size at a time, in fp32
     unless the caller runs it under autocast (sample.py --bf16)."""
     device = next(vae.parameters()).device
-    return torch.cat([to_uint8(vae.decode(zb.to(device, torch.float32)), round).cpu()  # (B, 3, 8h, 8w)
+    return torch.cat([to_uint8(vae.decode(zb.to(device, torch.float32)), round).cpu()  # (B, 3, f*h, f*w)
                       for zb in torch.as_tensor(z).split(batch_size)])

@@ -81,7 +81,9 @@ def test_imagenet_folder(folder, vae_file, prepared):
     names = sorted(FOLDER)
     assert meta['class_names'] == names and meta['num_classes'] == 3 and meta['count'] == 9 == len(ds)
     assert (meta['resolution'], meta['latent_size'], meta['latent_channels']) == (R, R // 8, 4)
-    assert meta['autoencoder'] == 'stabilityai/sd-vae-ft-ema' and meta['latent_scale'] == 0.18215
+    # the decoder recorded is the VAE that encoded (--autoencoder not given), with SD's scalar normalisation
+    assert meta['autoencoder'] == meta['encoder'] == vae_file
+    assert (meta['latent_scale'], meta['latent_shift']) == (0.18215, 0.0) and 'latent_mean' not in meta
     assert sorted(os.listdir(prepared)) == ['dataset.json', 'images.npy', 'labels.npy', 'moments.npy']
     files = [os.path.join(folder, c, f) for c in names for f in sorted(n for n, *_ in FOLDER[c])]
     images = []

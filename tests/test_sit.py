@@ -348,3 +348,12 @@ def test_toy_is_deterministic_and_class_conditional(tmp_path):
         bright = imgs.sum(1) > imgs.sum(1).reshape(6, -1).max(1)[:, None, None] * 0.8
         mean_col = np.stack([imgs[:, c][bright] for c in range(3)], 1).mean(0)
         assert np.abs(mean_col - np.array(colour)).max() < 45, (k, mean_col, colour)
+
+
+def test_patch_size_one():
+    """SiT-*/1 for f16 latents (16x16 at 256 px, e.g. 16 or 32 channels): one token per latent pixel."""
+    assert all(f'SiT-{s}/1' in sit.SiT_models for s in sit.SIZES)
+    model = sit.build_model('SiT-T/1', input_size=4, in_channels=16, num_classes=3)
+    assert model.x_embedder.proj.kernel_size == (1, 1) and model.pos_embed.shape[1] == 16
+    v, _ = model(torch.randn(2, 16, 4, 4), torch.rand(2), torch.tensor([0, 3]))
+    assert v.shape == (2, 16, 4, 4)

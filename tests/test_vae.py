@@ -36,6 +36,7 @@ def ref(tmp_path_factory):
     sd = {k: v.contiguous() for k, v in m.state_dict().items()}
     path = tmp_path_factory.mktemp('vae') / 'diffusion_pytorch_model.safetensors'
     safetensors_torch.save_file(sd, str(path))
+    m.save_config(str(path.parent))  # config.json beside the weights: a diffusers folder
     return m, sd, path
 
 
@@ -52,8 +53,10 @@ def test_matches_diffusers(ref):
         assert relerr(moments[:, :4], dist.mean) < 1e-4
         assert relerr(moments[:, 4:], dist.std) < 1e-4
         assert relerr(vae.decode(z), m.decode(z).sample) < 1e-4
-    # loading the directory picks up diffusion_pytorch_model.safetensors
-    assert torch.equal(V.load_vae(str(path.parent)).quant_conv.weight, vae.quant_conv.weight)
+    # loading the directory reads config.json and picks up diffusion_pytorch_model.safetensors
+    folder = V.load_vae(str(path.parent))
+    assert torch.equal(folder.quant_conv.weight, vae.quant_conv.weight)
+    assert folder.latent_norm['latent_scale'] == vae.latent_norm['latent_scale'] == 0.18215
 
 
 def test_deprecated_attention_names(ref, tmp_path):
@@ -102,7 +105,8 @@ def test_wrong_state_dict(ref, tmp_path):
 
 def test_missing_file_and_offline_hub(tmp_path, monkeypatch):
     assert 'no such file' in one_line_error(V.load_vae, str(tmp_path / 'nope.safetensors'))
-    assert 'diffusion_pytorch_model.safetensors' in one_line_error(V.load_vae, str(tmp_path))  # empty dir
+    msg = one_line_error(V.load_vae, str(tmp_path))  # empty dir
+    assert 'no config.json and no diffusion_pytorch_model.safetensors' in msg
     # a repo id with the hub offline and an empty cache (env vars are read at import: use a fresh process)
     env = dict(os.environ, HF_HUB_OFFLINE='1', HF_HOME=str(tmp_path / 'hf'), PYTHONPATH=ROOT)
     r = subprocess.run([sys.executable, '-c', f"import {V.__name__}; {V.__name__}.load_vae('stabilityai/sd-vae-ft-ema')"],
