@@ -328,6 +328,50 @@ def _read_png(f):
     except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
         raise SystemExit(f'fid.py: {f}: cannot read it as an image ({type(e).__name__}); re-save or remove it')
 
+def _image_size(f):  # (width, height) from the file's header, without decoding the image
+    with open(f, 'rb') as fh:
+        head = fh.read(24)
+    if head[:8] == b'\x89PNG\r\n\x1a\n' and head[12:16] == b'IHDR':  # the PNG signature, then IHDR: width, height
+        return int.from_bytes(head[16:20], 'big'), int.from_bytes(head[20:24], 'big')
+    try:  # not a PNG inside: PIL reads other formats' headers (and decodes them in _read_png)
+        with Image.open(f) as im:
+            return im.size
+    except (OSError, ValueError) as e:
+        raise SystemExit(f'fid.py: {f}: cannot read it as an image ({type(e).__name__}); re-save or remove it')
+
+def _check_sizes(files):  # every image's header, so that one stray size fails before any features run
+    first = _image_size(files[0])
+    for f in files[1:]:
+        size = _image_size(f)
+        if size != first:
+            raise SystemExit(f'fid.py: {f}: size {size[0]}x{size[1]} differs from {files[0]} ({first[0]}x{first[1]}); '
+                             f'resize all images to one size')
+
+def _stored_stats(path, names):
+    """An npz's precomputed (mu, sigma) pairs of STATS_KEYS as float64, each checked from its npy header first
+    (no pickle is ever loaded): mu (D,) and sigma (D, D), numeric. Half a pair, or a malformed one, is refused:
+    used with images, it would mix stored and computed statistics."""
+    with zipfile.ZipFile(path) as zf:
+        for mu, sigma in (pair for pairs in STATS_KEYS.values() for pair in pairs):
+            heads = {}
+            for k in (mu, sigma):
+                if k in names:
+                    try:
+                        with zf.open(k + '.npy') as f:
+                            shape, _, dtype = _npy_header(f)
+                        heads[k] = f'{k} {dtype} {tuple(shape)}', dtype.kind in 'iuf', tuple(shape)
+                    except (KeyError, ValueError, OSError, zipfile.BadZipFile):
+                        heads[k] = f'{k} (unreadable)', False, None
+            if not heads:
+                continue
+            if not (len(heads) == 2 and heads[mu][1] and heads[sigma][1] and len(heads[mu][2]) == 1
+                    and heads[mu][2][0] > 0 and heads[sigma][2] == heads[mu][2] * 2):
+                has = ', '.join([heads[k][0] for k in heads] + [f'no {k}' for k in (mu, sigma) if k not in heads])
+                raise SystemExit(f'fid.py: {path}: statistics {mu}/{sigma} need numeric arrays of shapes (D,) and '
+                                 f'(D, D); it has {has}; save them as np.savez(path, {mu}=mu, {sigma}=sigma)')
+    with np.load(path) as z:  # numeric arrays, as checked: no pickle
+        return {k: z[k].astype(np.float64) for pairs in STATS_KEYS.values() for p in pairs for k in p if k in names}
+
 def _png_batches(files, bs):
     shape0 = None
     with ThreadPoolExecutor(4) as ex:  # PIL decodes without the GIL
@@ -351,12 +395,13 @@ def open_input(path, need_images=False):
         if not files:
             raise SystemExit(f'fid.py: {path}: folder has no .png images')
         _read_png(files[0])  # a folder of non-images fails here, before any features run
+        _check_sizes(files)
         return len(files), lambda bs: _png_batches(files, bs), {}
     if not zipfile.is_zipfile(path):
         raise SystemExit(f'fid.py: {path}: not an .npz file; pass an .npz with arr_0 or a folder of PNGs')
     with np.load(path) as z:
         names = z.files
-        stats = {k: z[k].astype(np.float64) for pairs in STATS_KEYS.values() for p in pairs for k in p if k in names}
+    stats = _stored_stats(path, names)
     if 'arr_0' not in names:
         if stats and not need_images:
             return 0, None, stats
@@ -538,8 +583,8 @@ def evaluate(samples, ref, features='inception', inception_weights=None, dinov2_
             notes.append(f'{name} needs {mu}/{sigma} or images on both sides')
             return None
         if s[mu].shape != r[mu].shape or s[sigma].shape != r[sigma].shape:
-            raise SystemExit(f'fid.py: {name}: samples have {s[mu].shape[0]}-d statistics, the reference '
-                             f'{r[mu].shape[0]}-d; were they made by another network?')
+            raise SystemExit(f"fid.py: {name}: the samples' {mu}/{sigma} have shapes {s[mu].shape}/{s[sigma].shape}, "
+                             f"the reference's {r[mu].shape}/{r[sigma].shape}; were they made by another network?")
         return frechet_distance(s[mu], s[sigma], r[mu], r[sigma])
 
     if features == 'dinov2':

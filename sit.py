@@ -776,19 +776,53 @@ def load_weights(model, sd, what):
     model.load_state_dict(sd, strict=True)
 
 
+def _pickle_refusal(e):
+    """What torch.load(weights_only=True) refused, or None if e is not that refusal. Every refusal of the
+    weights-only unpickler (torch/_weights_only_unpickler.py) reaches us as a pickle.UnpicklingError whose text
+    starts 'Weights only load failed': a global outside the allowlist ('Unsupported global: GLOBAL x.y'), one of a
+    blocked module ('Trying to load unsupported GLOBAL posix.mkdir whose module posix is blocked'), an object it may
+    not build or call (NEWOBJ, BUILD, REDUCE), an opcode outside its subset (e.g. STACK_GLOBAL, protocol 4's import),
+    a non-storage persistent id, an append/setitem on something else than a list/dict, or a torch class whose
+    module must be imported first (nested tensors, DTensor)."""
+    import pickle
+    import re
+    msg = str(e)
+    if not isinstance(e, pickle.UnpicklingError) or 'Weights only load failed' not in msg:
+        return None
+    for pattern, what in ((r'GLOBAL (\S+?)\.? (?:was not an allowed|whose module)', 'a pickled Python object ({})'),
+                          (r'reduce for unrecognized function (.+?)(?: which belongs|$)', 'a pickled call of {}'),
+                          (r'(?:create new object|only build).* but got (.+)$', 'a pickled object built from {}')):
+        found = re.search(pattern, msg, re.M)
+        if found:
+            return what.format(found.group(1).strip())
+    if 'must be imported to load' in msg:
+        return 'pickled torch objects (nested tensors or DTensors) that this repo never saves'
+    op = re.search(r'Unsupported operand (\d+)', msg)
+    if op:  # a byte that is no pickle opcode at all: a corrupt file, not a hostile one
+        import pickletools
+        code = next((o.name for o in pickletools.opcodes if ord(o.code) == int(op.group(1))), None)
+        return code and f'pickle opcode {code}, outside the tensors-only subset'
+    return 'pickled data beyond tensors and plain containers'
+
+
 def load_checkpoint(path):
     if not os.path.isfile(path):
         fail(f"checkpoint '{path}' does not exist; pass the path to a .pt file (or a run folder to resume)")
     import argparse
+    import warnings
     torch.serialization.add_safe_globals([argparse.Namespace])  # REPA's last.pt stores its args (plain values)
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        with warnings.catch_warnings():  # a pickle of another protocol: torch warns before it refuses in one line
+            warnings.filterwarnings('ignore', message='Detected pickle protocol')
+            return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # not torch's message: it suggests weights_only=False, which runs arbitrary pickles
-        import re
-        unsafe = re.search(r'Unsupported global: GLOBAL (\S+)', str(e))
-        fail(f"cannot read checkpoint '{path}': " + (f'it holds a pickled Python object ({unsafe.group(1)}), not '
-             'only tensors and plain containers; this repo loads checkpoints with weights_only=True' if unsafe else
-             f'not a PyTorch checkpoint, or a truncated one ({type(e).__name__})'))
+        refused = _pickle_refusal(e)
+        if refused:
+            fail(f"checkpoint '{path}' holds pickled code or objects, not only tensors and plain containers: "
+                 f"{refused}; it will not be loaded, since unpickling it could run code; pass a checkpoint written "
+                 "by this repo's training scripts, or re-save only its tensors (a state dict)")
+        fail(f"cannot read checkpoint '{path}': not a PyTorch checkpoint, or a truncated or corrupt one "
+             f"({type(e).__name__})")
 
 
 def latest_checkpoint(run_dir):

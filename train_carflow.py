@@ -104,6 +104,8 @@ def main(argv=None):
 
     # data
     # >>> method: data
+    if cfg['shifts'] not in ('source', 'target', 'joint'):  # SiT's '' (no shifts) would train plain SiT as CAR-Flow
+        sit.fail(f"--shifts {cfg['shifts']!r}: use source (mu0 only), target (mu1 only) or joint (both, the default)")
     dataset = sit.PreparedDataset(cfg['data_path'])
     # <<< method
     meta = dataset.meta

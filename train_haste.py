@@ -75,6 +75,8 @@ config.update(
 presets['toy'].update(enc='dinov2-s', enc_ckpt='random', encoder_depth=2, projector_dim=256)
 presets['toy'].update(attn_student='2,3', attn_teacher='10,11', tau=500)  # SiT-T has 6 blocks; phase II half the demo
 RUN_KEYS.add('enc_ckpt')
+# blocks of each teacher (timm's DINOv2 ViT-S/B/L/G), so --attn-teacher is checked before the teacher is built
+TEACHER_DEPTH = {'dinov2-s': 12, 'dinov2-b': 12, 'dinov2-l': 24, 'dinov2-g': 40}
 # <<< method
 
 # -----------------------------------------------------------------------------
@@ -128,6 +130,19 @@ def main(argv=None):
 
     # data
     # >>> method: data
+    # every flag is checked before a teacher is built or fetched (DINOv2-g is 1.1B parameters)
+    if cfg['enc'] not in TEACHER_DEPTH:
+        sit.fail(f"--enc {cfg['enc']!r}: unknown teacher; choose one of {', '.join(TEACHER_DEPTH)}")
+    if cfg['tau'] < 0:
+        sit.fail(f"--tau {cfg['tau']}: the step at which alignment ends must be >= 0 (the paper's is 250000)")
+    depth = sit.model_depth(cfg['model'])
+    if not 1 <= cfg['encoder_depth'] <= depth:
+        sit.fail(f"--encoder-depth {cfg['encoder_depth']} is outside {cfg['model']}'s blocks 1..{depth}")
+    attn_s = sit.parse_blocks(cfg['attn_student'], depth, '--attn-student')
+    attn_t = sit.parse_blocks(cfg['attn_teacher'], TEACHER_DEPTH[cfg['enc']], '--attn-teacher', len(attn_s))
+    if cfg['tau'] == 0 and rank == 0:
+        print("warning: --tau 0 ends HASTE's alignment before its first step: no projection or attention loss at "
+              "all, so this trains plain SiT (train_vanilla.py's loss); pass --tau > 0 to align", flush=True)
     dataset = sit.PreparedDataset(cfg['data_path'], images=True)  # the teacher sees the images
     # <<< method
     meta = dataset.meta
@@ -146,8 +161,6 @@ def main(argv=None):
     grid = meta['latent_size'] // int(cfg['model'].split('/')[1])
     teacher = sit.load_teacher(cfg['enc'], cfg['enc_ckpt'] or None, grid=grid, device=device, fp16=bf16)
     model_args.update(z_dims=[teacher.dim], projector_dim=cfg['projector_dim'], encoder_depth=cfg['encoder_depth'])
-    attn_s = sit.parse_blocks(cfg['attn_student'], sit.model_depth(cfg['model']), '--attn-student')
-    attn_t = sit.parse_blocks(cfg['attn_teacher'], len(teacher.vit.blocks), '--attn-teacher', len(attn_s))
     # <<< method
     if ckpt is not None and ckpt['model_args'] != model_args:
         sit.fail(f"the checkpoint's model was built for {ckpt['model_args']} but the data at "

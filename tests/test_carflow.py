@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import torchrun
+from conftest import one_line_error, torchrun
 
 import sample
 import sit
@@ -91,6 +91,16 @@ def test_first_step_is_vanilla(toy, tmp_path):
     cs = c.state_dict()
     assert all(torch.allclose(p, cs[k], atol=1e-7) for k, p in v.state_dict().items())
     assert cs['shift_source.out.weight'].abs().max() > 0                    # the shifts started learning
+
+
+def test_shifts_flag_takes_only_the_three_variants(toy, tmp_path, capsys):
+    """'' is SiT's "no shift networks": passed through (an unset shell variable), it trained plain SiT that
+    config.json called carflow. Refused in one line, like any other value, before anything is written."""
+    for bad in ('', 'both', 'Joint'):
+        msg = one_line_error(train_carflow.main, ['--data-path', toy, '--out', str(tmp_path / 'x'), *TINY,
+                                                  '--max-steps', '1', '--shifts', bad])
+        assert f"--shifts {bad!r}" in msg and 'source' in msg and 'target' in msg and 'joint' in msg
+    assert capsys.readouterr() == ('', '') and not (tmp_path / 'x').exists()
 
 
 def test_zero_shifts_sample_as_vanilla():

@@ -407,6 +407,57 @@ def test_bad_input_fails_before_any_weights_or_features(tmp_path, monkeypatch):
         fid.main([str(tmp_path / 'missing_samples'), good])
     one_line_exit(e, 'missing_samples', 'no such file')
 
+def forbid_features(monkeypatch):
+    def forbidden(*a, **k):
+        raise AssertionError('weights loaded or features computed before both inputs were checked')
+    for name in ('compute_features', 'load_inception', 'load_dinov2', '_npz_batches', '_png_batches'):
+        monkeypatch.setattr(fid, name, forbidden)
+
+def test_statistics_files_need_a_whole_numeric_pair(tmp_path, monkeypatch):
+    """A reference with sigma but no mu printed 'FID: n/a' and exited 0; an object or string mu gave a traceback;
+    half an sFID pair beside images would mix stored and computed statistics. Each is one line naming the file and
+    the keys, on either side, before any features run."""
+    forbid_features(monkeypatch)
+    mu, sigma = np.arange(8.0), np.eye(8)
+    good = save_npz(tmp_path / 'good.npz', mu=mu, sigma=sigma)
+    bad = [(dict(sigma=sigma), ['sigma float64 (8, 8)', 'no mu']),
+           (dict(mu=np.array([object()] * 8), sigma=sigma), ['mu object (8,)']),
+           (dict(mu=np.array(['0.5'] * 8), sigma=sigma), ['mu <U3 (8,)']),
+           (dict(mu=mu, sigma=np.eye(9)), ['sigma float64 (9, 9)']),
+           (dict(mu=sigma, sigma=sigma), ['mu float64 (8, 8)']),
+           (dict(arr_0=images(4), mu=mu, sigma=sigma, mu_s=mu), ['mu_s/sigma_s', 'no sigma_s'])]
+    for i, (arrays, words) in enumerate(bad):
+        path = save_npz(tmp_path / f'bad{i}.npz', **arrays)
+        for argv in ([good, path], [path, good]):
+            with pytest.raises(SystemExit) as e:
+                fid.main(argv)
+            one_line_exit(e, f'bad{i}.npz', '(D,) and (D, D)', *words)
+    assert fid.evaluate(good, save_npz(tmp_path / 'ints.npz', mu=np.zeros(8, int), sigma=np.eye(8, dtype=int)))['fid'] \
+        == pytest.approx(float(mu @ mu))                                    # integer statistics are numbers too
+
+def test_other_dimensions_name_the_shapes_compared(tmp_path):
+    a = save_npz(tmp_path / 'a.npz', mu=np.zeros(4), sigma=np.eye(4))
+    b = save_npz(tmp_path / 'b.npz', mu=np.zeros(8), sigma=np.eye(8))
+    with pytest.raises(SystemExit) as e:
+        fid.main([a, b])
+    one_line_exit(e, 'FID', '(4,)/(4, 4)', '(8,)/(8, 8)')
+
+def test_every_image_size_is_checked_before_features(tmp_path, monkeypatch):
+    """One image of another size anywhere in a folder, on either side, fails from the PNG headers before any
+    features run (it used to surface after all of that side's features)."""
+    forbid_features(monkeypatch)
+    good = save_pngs(tmp_path / 'good', images(3, 16))
+    mixed = save_pngs(tmp_path / 'mixed', list(images(2, 16)) + list(images(1, 20)) + list(images(2, 16)))
+    for argv in ([good, mixed], [mixed, good]):
+        with pytest.raises(SystemExit) as e:
+            fid.main(argv)
+        one_line_exit(e, '002.png', 'size 20x20 differs', '000.png (16x16)', 'resize')
+    assert fid._image_size(os.path.join(good, '000.png')) == (16, 16) == Image.open(os.path.join(good, '000.png')).size
+    Image.fromarray(images(1, 20)[0]).save(tmp_path / 'good' / '003.png', format='JPEG')  # a JPEG named .png
+    with pytest.raises(SystemExit) as e:
+        fid.main([good, good])
+    one_line_exit(e, '003.png', 'size 20x20 differs')
+
 def test_statistics_only_inputs(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(fid, 'load_inception', lambda weights=None: FakeInception().eval())
     rng = np.random.default_rng(0)

@@ -2,6 +2,7 @@
 exactly tau (counted teacher calls, crossing tau and resumed past it), and a 2-process run across tau."""
 import json
 
+import pytest
 import torch
 from conftest import one_line_error, torchrun
 
@@ -101,11 +102,46 @@ def test_cls_is_dropped_before_the_softmax(toy, tmp_path, monkeypatch):
     assert (full.softmax(-1)[:, :, 1:, 1:].sum(-1) < 0.999).any()
 
 
-def test_block_flags_fail_in_one_line(toy, tmp_path):
+def test_every_flag_is_checked_before_the_teacher_is_built(toy, tmp_path, monkeypatch, capsys):
+    """A mistyped flag is refused in one line before any teacher is built or fetched (DINOv2-g is 1.1B parameters,
+    and offline a download error would hide the flag's), and nothing is written."""
+    def forbidden(*a, **k):
+        raise AssertionError('the teacher was built before the flags were checked')
+    monkeypatch.setattr(sit, 'load_teacher', forbidden)
     base = ['--data-path', toy, '--out', str(tmp_path / 'x'), *TINY]
-    assert '--attn-student' in one_line_error(train_haste.main, base + ['--attn-student', '1,9'])
-    assert '--attn-teacher' in one_line_error(train_haste.main, base + ['--attn-teacher', '11'])
-    assert not (tmp_path / 'x').exists()
+    for flags, word in [(['--attn-student', '1,9'], '--attn-student'),     # SiT-T has blocks 0..5
+                        (['--attn-teacher', '11'], '--attn-teacher'),       # one index for two student blocks
+                        (['--attn-teacher', '10,12'], '--attn-teacher'),    # ViT-S has blocks 0..11
+                        (['--enc', 'dinov2-l', '--attn-teacher', '23,24'], '0..23'),  # the depth follows --enc
+                        (['--enc', 'dinov2-q'], '--enc'),
+                        (['--encoder-depth', '7'], '--encoder-depth'),
+                        (['--tau', '-5'], '--tau')]:                       # it trained plain SiT labelled HASTE
+        assert word in one_line_error(train_haste.main, base + flags), flags
+    # the toy preset: the flag's error, not the random-teacher banner
+    one_line_error(train_haste.main, ['--preset', 'toy', '--data-path', toy, '--out', str(tmp_path / 'x'),
+                                      '--attn-teacher', '10,12'])
+    assert capsys.readouterr() == ('', '') and not (tmp_path / 'x').exists()
+    with pytest.raises(AssertionError, match='teacher was built'):  # ViT-L's last blocks pass the check
+        train_haste.main(base + ['--enc', 'dinov2-l', '--attn-teacher', '22,23'])
+
+
+def test_tau_zero_is_announced_before_the_teacher(toy, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sit, 'load_teacher', lambda *a, **k: sit.fail('stop here'))
+    one_line_error(train_haste.main, ['--data-path', toy, '--out', str(tmp_path / 'x'), *TINY, '--tau', '0'])
+    out = capsys.readouterr().out
+    assert '--tau 0' in out and 'no projection or attention loss at all' in out and 'plain SiT' in out
+    one_line_error(train_haste.main, ['--data-path', toy, '--out', str(tmp_path / 'x'), *TINY, '--tau', '1'])
+    assert '--tau' not in capsys.readouterr().out
+
+
+def test_teacher_depths_are_timms():
+    """TEACHER_DEPTH (what --attn-teacher is checked against) is the block count of each DINOv2 timm builds
+    (on the meta device: no weights, no memory)."""
+    timm = pytest.importorskip('timm')
+    assert set(train_haste.TEACHER_DEPTH) == set(sit.DINOV2)
+    for name, arch in sit.DINOV2.items():
+        with torch.device('meta'):
+            assert len(timm.create_model(arch, pretrained=False, num_classes=0).blocks) == train_haste.TEACHER_DEPTH[name]
 
 
 def test_two_ranks_cross_tau(toy, tmp_path):

@@ -285,3 +285,49 @@ def test_prepare_toy_never_overwrites(tmp_path, capsys):
     r = subprocess.run([sys.executable, 'prepare.py', 'toy', '--out', str(out), '--seed', '1'], capture_output=True,
                        text=True, cwd=ROOT)
     assert r.returncode == 1 and r.stderr.strip().startswith('error: ') and hashes(out) == before
+
+
+def hostile_pickles(target):
+    """Every form in which torch.load(weights_only=True) refuses a pickle (torch/_weights_only_unpickler.py), each
+    as a raw pickle (protocol 2, what torch.load's legacy path unpickles first) or a torch.save zip."""
+    def text(s):  # BINUNICODE
+        return b'X' + len(s).to_bytes(4, 'little') + s.encode()
+
+    class Payload:
+        def __reduce__(self):
+            return os.mkdir, (str(target),)
+    mkdir = f'c{os.mkdir.__module__}\nmkdir\n'.encode()                    # posix.mkdir: a blocked module
+    return {
+        'blocked module (zip)': (lambda p: torch.save({'model': Payload()}, p), 'pickled Python object (posix.mkdir)'),
+        'blocked module (raw)': (b'\x80\x02' + mkdir + text(str(target)) + b'\x85R.', '(posix.mkdir)'),
+        'unsupported global': (b'\x80\x02cbuiltins\nprint\n' + text('hi') + b'\x85R.', 'pickled Python object (print)'),
+        'STACK_GLOBAL opcode': (b'\x80\x02' + text('posix') + text('mkdir') + b'\x93.', 'STACK_GLOBAL'),
+        'REDUCE of no allowed function': (b'\x80\x02K\x01)R.', 'pickled call of 1'),
+        'NEWOBJ of no allowed class': (b'\x80\x02K\x01)\x81.', 'object built from 1'),
+        'BUILD of no allowed type': (b'\x80\x02K\x01}b.', "object built from <class 'int'>"),
+        'persistent id not a storage': (b'\x80\x02' + text('abc') + b'\x85Q.', 'beyond tensors'),
+        'SETITEM on a list': (b'\x80\x02]K\x01K\x02s.', 'beyond tensors'),
+    }
+
+
+def test_hostile_checkpoints_are_named_and_never_run(toy, tmp_path, capsys):
+    """torch words its refusals in several ways (e.g. 'Trying to load unsupported GLOBAL posix.mkdir whose module
+    posix is blocked'); each is reported as pickled code or objects that will not be loaded, never as a truncated
+    file and never with torch's advice to pass weights_only=False (which would run the payload)."""
+    target = tmp_path / 'payload_ran'
+    for name, (payload, words) in hostile_pickles(target).items():
+        path = tmp_path / 'hostile.pt'
+        payload(path) if callable(payload) else path.write_bytes(payload)
+        msg = one_line_error(sit.load_checkpoint, str(path))
+        assert 'hostile.pt' in msg and 'holds pickled code or objects' in msg and 'will not be loaded' in msg, name
+        assert words in msg and 'truncated' not in msg and 'weights_only=False' not in msg, (name, msg)
+    assert capsys.readouterr() == ('', '') and not target.exists()        # no torch warning lines, no payload run
+    # through a training script's --resume: the same line, and no run folder
+    hostile_pickles(target)['blocked module (zip)'][0](tmp_path / 'hostile.pt')
+    msg = one_line_error(run, toy, tmp_path / 'out', '--resume', str(tmp_path / 'hostile.pt'))
+    assert '(posix.mkdir)' in msg and not (tmp_path / 'out').exists() and not target.exists()
+    # a truncated checkpoint is still called one
+    torch.save({'step': 1, 'model': {'w': torch.zeros(1000)}}, tmp_path / 'good.pt')
+    good = (tmp_path / 'good.pt').read_bytes()
+    (tmp_path / 'cut.pt').write_bytes(good[:len(good) // 2])
+    assert 'truncated' in one_line_error(sit.load_checkpoint, str(tmp_path / 'cut.pt'))
