@@ -260,7 +260,7 @@ def balanced_labels(n, num_classes, seed):
 
 
 def seed_batch(seed, start):
-    """The SDE's own noise is drawn inside sit.euler_maruyama_sampler from the global RNG, batch-wise, so it is
+    """The SDE's own noise is drawn inside sit's SDE samplers from the global RNG, batch-wise, so it is
     seeded per batch from (seed, index of the batch's first sample): batches are fixed ranges of global indices
     (start = k * batch_size), hence the result is independent of the world size and of resume."""
     torch.manual_seed(int(np.random.SeedSequence([seed, start, 1]).generate_state(1)[0]))
