@@ -1,14 +1,17 @@
 """
 sample.py: sample a trained SiT checkpoint for evaluation (PNGs + one ADM-format .npz) or as a preview grid.
 
-  torchrun --nproc_per_node=8 sample.py --ckpt runs/repa/checkpoints/0400000.pt --num-samples 50000 \\
-      --mode sde --num-steps 250 --cfg-scale 1.8 --guidance-high 0.7      # REPA's headline protocol
-  -> runs/repa/samples/0400000-ema-sde250-cfg1.8-g0.0-0.7-seed0/000000.png ... and, beside the folder,
-     runs/repa/samples/0400000-ema-sde250-cfg1.8-g0.0-0.7-seed0.npz       (arr_0: uint8 (N, H, W, 3))
+  torchrun --nproc_per_node=8 sample.py --ckpt runs/repa/checkpoints/0400000.pt --protocol repa
+      (= --num-samples 50000 --mode sde --num-steps 250 --cfg-scale 1.8 --guidance-high 0.7: REPA's headline FID)
+  -> runs/repa/samples/0400000-ema-repa-sde250-cfg1.8-g0.0-0.7-seed0/000000.png ... and, beside the folder,
+     runs/repa/samples/0400000-ema-repa-sde250-cfg1.8-g0.0-0.7-seed0.npz       (arr_0: uint8 (N, H, W, 3))
   python sample.py --ckpt runs/toy-vanilla/checkpoints/0001000.pt --num-samples 100 --mode ode --num-steps 50
   python sample.py --ckpt runs/toy-vanilla --grid 4 --cfg-scale 4    # newest checkpoint, one column per class
   python sample.py --ckpt pretrained/last.pt --model SiT-XL/2 --vae DIR ...            # REPA / HASTE release
-  python sample.py --ckpt pretrained/SiT-XL-2-256.pt --model SiT-XL/2 --sit-convention  # original SiT release
+  python sample.py --ckpt pretrained/SiT-XL-2-256.pt --model SiT-XL/2 --sit-convention --protocol sit  # SiT's own
+
+--protocol NAME sets every sampling flag to the evaluation behind a published number (PROTOCOLS below: repa,
+repa-nocfg, haste, reg, sit, carflow); flags given as well override it and are listed as overrides in the log.
 
 Checkpoints of this repo know their method, model and dataset (config inside), so they need no extra flags;
 EMA weights unless --weights model. Released state dicts (raw, or a dict with 'ema') need --model and use
@@ -36,11 +39,51 @@ import sit
 IMAGENET = dict(resolution=256, autoencoder='stabilityai/sd-vae-ft-ema', latent_scale=sit.VAE_SCALE,
                 latent_channels=4, latent_size=32, num_classes=1000)
 
+# -----------------------------------------------------------------------------
+# Evaluation protocols by name: every sampling flag of the evaluation behind a published number. The decoder
+# (sd-vae-ft-ema) and the latent scale come with the checkpoint's dataset, not from here. Sources are the official
+# scripts (repository, file:line) or the paper. A value UNPUBLISHED must be given on the command line.
+UNPUBLISHED = 'unpublished'
+# what all of them share: REPA's generate.py as its README runs it (sihyun-yu/REPA README.md:123-135): 50K samples,
+# uniform random labels, EMA weights, fp32 network and decoder, truncated pixels (generate.py:151-154), SDE 250
+_OFFICIAL = dict(weights='ema', num_samples=50_000, class_balanced=False, mode='sde', num_steps=250, heun=False,
+                 cfg_scale=1.0, cfg_channels=0, guidance_low=0.0, guidance_high=1.0, cls_cfg_scale=None, round=False,
+                 bf16=False)
+PROTOCOLS = {
+    # REPA SiT-XL/2 4M, FID 1.42: sihyun-yu/REPA README.md:132-135 (--mode=sde --num-steps=250 --cfg-scale=1.8
+    # --guidance-high=0.7)
+    'repa': dict(_OFFICIAL, cfg_scale=1.8, guidance_high=0.7),
+    # the tables without guidance (REPA Sec. 4 / Table 2 "w/o CFG", HASTE's and REG's no-CFG rows, SiT-B/2 400K):
+    # the same generate.py command with --cfg-scale 1 (its own default is 1.5: generate.py:201)
+    'repa-nocfg': dict(_OFFICIAL),
+    # HASTE SiT-XL/2 2.5M: NUS-HPC-AI-Lab/HASTE README.md, "Evaluation / ImageNet 256x256" (REPA's generate.py with
+    # --mode=sde --num-steps=250 --cfg-scale=1.65 --guidance-high=0.72 --guidance-low=0.0)
+    'haste': dict(_OFFICIAL, cfg_scale=1.65, guidance_high=0.72),
+    # REG SiT-XL/2 4M, FID 1.36: Martinser/REG eval.sh:7-11 (NUM_STEP=250, CFG_SCALE=2.3, CLS_CFG_SCALE=2.3, GH=0.85)
+    # and eval.sh:23 (--mode=sde); both scales set, generate.py:213 would default the token's to 1.5
+    'reg': dict(_OFFICIAL, cfg_scale=2.3, cls_cfg_scale=2.3, guidance_high=0.85),
+    # SiT-XL/2 7M, FID 2.06 (SiT paper, arXiv 2401.08740, ImageNet 256 benchmark table: SDE, cfg = 1.5): willisma/SiT
+    # sample_ddp.py:217 (--num-sampling-steps 250), train_utils.py:24-31 (SDE: Euler, diffusion form sigma, norm 1,
+    # last step Mean, 0.04), models.py:261 (CFG on the first 3 channels), sample_ddp.py:119-120 (no interval,
+    # guidance iff scale > 1), sample_ddp.py:178 (pixels clamp(127.5 x + 128) truncated = rounded to nearest).
+    # Not --sit-convention: that is a property of SiT's released weights (pass it for SiT-XL-2-256.pt), not of the
+    # protocol; our checkpoints, trained in REPA's direction, take the same protocol without it.
+    'sit': dict(_OFFICIAL, cfg_scale=1.5, cfg_channels=3, round=True),
+    # CAR-Flow SiT-XL/2, FID 1.68: arXiv 2509.19300, ImageNet experiments: "the Heun SDE solver with 250 NFEs" of
+    # SiT's code. SiT's Heun SDE with --num-sampling-steps N makes 2N - 1 evaluations; no N gives 250, N = 125
+    # (two per grid point, one for the last mean step) gives 249, the nearest below. The scale is not published
+    # (required); the rest is SiT's sample_ddp.py as for 'sit' (3 CFG channels, rounding): an assumption, as the
+    # paper says only that it follows SiT's sampler (--cfg-channels 0 --no-round for REPA's conventions instead)
+    'carflow': dict(_OFFICIAL, heun=True, num_steps=125, cfg_scale=UNPUBLISHED, cfg_channels=3, round=True),
+}
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--ckpt', required=True, help='a checkpoint of this repo (or a run folder: its newest), '
                                                  'or a released state dict')
+    p.add_argument('--protocol', choices=list(PROTOCOLS), help='set every sampling flag to a published evaluation '
+                   '(see PROTOCOLS in sample.py / the README); flags given as well override it')
     p.add_argument('--weights', default='ema', choices=['ema', 'model'], help='which weights of a training checkpoint')
     p.add_argument('--model', help='SiT-XL/2, ...: required for released state dicts (ours store it)')
     p.add_argument('--data-path', help="prepared dataset whose dataset.json gives the latent layout (fallback)")
@@ -50,32 +93,87 @@ def parse_args(argv=None):
     p.add_argument('--num-samples', type=int, default=50_000)
     p.add_argument('--batch-size', type=int, default=64, help='per process; part of the SDE noise seed')
     p.add_argument('--mode', default='sde', choices=['sde', 'ode'])
-    p.add_argument('--num-steps', type=int, help='default 250 (sde) / 50 (ode)')
-    p.add_argument('--heun', action='store_true', help='Heun steps for --mode ode')
-    p.add_argument('--cfg-scale', type=float, default=1.0)
+    p.add_argument('--num-steps', type=int, help="default 250 (sde) / 50 (ode); with --mode sde, SiT's "
+                   "--num-sampling-steps (the same grid)")
+    p.add_argument('--heun', action=argparse.BooleanOptionalAction, default=False,
+                   help="Heun steps: REPA's ODE Heun with --mode ode, the original SiT repository's Heun SDE with "
+                   "--mode sde (2N - 1 network evaluations for --num-steps N; CAR-Flow's '250 NFEs': N = 125, 249)")
+    p.add_argument('--cfg-scale', type=float, default=1.0, help='classifier-free guidance scale, >= 1 (1: none)')
+    p.add_argument('--cfg-channels', type=int, default=0, metavar='K', help="guide only the first K latent channels, "
+                   "the others conditional (SiT's and DiT's forward_with_cfg: 3; --protocol sit); 0: all (REPA)")
     p.add_argument('--guidance-low', type=float, default=0.0, help='CFG only while low <= t <= high (t=1 noise)')
     p.add_argument('--guidance-high', type=float, default=1.0)
+    # default --cfg-scale, deliberately: REG's generate.py defaults its --cls-cfg-scale to 1.5 whatever
+    # --cfg-scale is (its published runs set both, as --protocol reg does)
     p.add_argument('--cls-cfg-scale', type=float, help="models with a class token (REG): the token's guidance "
-                   "scale (default: --cfg-scale; <= 0: its conditional velocity only)")
-    p.add_argument('--class-balanced', action='store_true', help='exactly N/num_classes per class (shuffled)')
+                   "scale (default: --cfg-scale, where REG's generate.py defaults to 1.5; <= 0: its conditional "
+                   "velocity only)")
+    p.add_argument('--class-balanced', action=argparse.BooleanOptionalAction, default=False,
+                   help='exactly N/num_classes per class (shuffled)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--sample-dir', help='default: RUN/samples for RUN/checkpoints/X.pt, else samples/ beside --ckpt')
     p.add_argument('--grid', type=int, default=0, metavar='N', help='write a preview grid of N samples per class')
     p.add_argument('--classes', help='comma-separated class ids for --grid (default: the first min(10, K))')
     p.add_argument('--log-every', type=int, default=10, help='progress line every N batches')
-    p.add_argument('--round', action='store_true', help='round pixels to nearest (default: truncate, as REPA)')
-    p.add_argument('--bf16', action='store_true', help='bf16 autocast for network and decoder (default: fp32)')
+    p.add_argument('--round', action=argparse.BooleanOptionalAction, default=False,
+                   help='round pixels to nearest (default: truncate, as REPA)')
+    p.add_argument('--bf16', action=argparse.BooleanOptionalAction, default=False,
+                   help='bf16 autocast for network and decoder (default: fp32)')
     p.add_argument('--compile', action='store_true', help='torch.compile the model (CUDA)')
-    args = p.parse_args(argv)
+    # which protocol flags were given explicitly: argparse leaves attributes already in the namespace alone
+    unset = object()
+    keys = list(_OFFICIAL)
+    args = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(keys, unset)))
+    given = [k for k in keys if getattr(args, k) is not unset]
+    proto = PROTOCOLS.get(args.protocol, {})
+    for k in keys:
+        if k not in given:
+            setattr(args, k, proto.get(k, p.get_default(k)))
+    flag = lambda k: '--' + k.replace('_', '-')
+    missing = [flag(k) for k in keys if getattr(args, k) == UNPUBLISHED]
+    if missing:
+        sit.fail(f"--protocol {args.protocol} needs {' and '.join(missing)}: the paper does not publish it "
+                 f"(choose it on a 10K-sample sweep)")
+    args.overrides = sorted(flag(k) for k in given if proto and proto[k] not in (UNPUBLISHED, getattr(args, k)))
     if os.path.isdir(args.ckpt):
         args.ckpt = sit.latest_checkpoint(args.ckpt) or sit.fail(f"no checkpoints in '{args.ckpt}/checkpoints'")
-    if args.heun and args.mode != 'ode':
-        sit.fail('--heun needs --mode ode (the SDE sampler is Euler-Maruyama only)')
     if args.num_steps is None:
         args.num_steps = 250 if args.mode == 'sde' else 50
-    if args.num_samples < 1 or args.batch_size < 1 or args.seed < 0:
-        sit.fail('--num-samples and --batch-size must be positive and --seed non-negative')
+    if args.num_samples < 1 or args.batch_size < 1 or args.seed < 0 or args.num_steps < 1:
+        sit.fail('--num-samples, --batch-size and --num-steps must be positive and --seed non-negative')
+    if args.cfg_scale < 1:  # the official samplers would silently not guide: refuse rather than mislabel a run
+        sit.fail(f'--cfg-scale {args.cfg_scale}: scales below 1 are not guidance here (REPA, REG and SiT guide only '
+                 f'above 1); use a scale >= 1 (1: no guidance)')
+    if args.cfg_channels < 0:
+        sit.fail(f'--cfg-channels {args.cfg_channels}: give a number of leading latent channels, or 0 for all')
     return args
+
+
+def folder_name(args, ckpt_stem, tag, joint):
+    """The output folder's name (the .npz is FOLDER.npz): the checkpoint, its weights, the protocol and every
+    setting that changes the samples, so runs made under different settings never mix. joint: the model carries a
+    class token (REG), whose guidance scale then matters."""
+    mode = ('sdeheun' if args.mode == 'sde' else 'heun') if args.heun else args.mode
+    return (f"{ckpt_stem}-{tag}-" + (f'{args.protocol}-' if args.protocol else '') +
+            f"{mode}{args.num_steps}-cfg{args.cfg_scale}-g{args.guidance_low}-{args.guidance_high}-seed{args.seed}" +
+            (f'-cfgch{args.cfg_channels}' if args.cfg_channels else '') +
+            (f'-balanced{args.num_samples}' if args.class_balanced else '') +
+            ('-sitconv' if args.sit_convention else '') +
+            (f'-clscfg{args.cls_cfg_scale}' if joint and args.cls_cfg_scale is not None else '') +
+            ('-round' if args.round else '') + ('-bf16' if args.bf16 else ''))
+
+
+def describe_sampler(args):
+    """One line for the log: the sampler, its network evaluations per sample, the guidance, the protocol."""
+    kind = {('sde', False): 'SDE, Euler-Maruyama', ('sde', True): "SDE, Heun (the original SiT repository's)",
+            ('ode', False): 'ODE, Euler', ('ode', True): 'ODE, Heun'}[args.mode, args.heun]
+    cfg = ('no guidance' if args.cfg_scale <= 1 else
+           f'CFG {args.cfg_scale} on ' + (f'the first {args.cfg_channels} channels' if args.cfg_channels else
+                                          'all channels') + f' for {args.guidance_low} <= t <= {args.guidance_high}')
+    proto = (f'; protocol {args.protocol}' + (f" (overridden: {', '.join(args.overrides)})" if args.overrides else '')
+             if args.protocol else '')
+    return (f'sampler: {kind}, {args.num_steps} steps = {sit.num_evaluations(args.num_steps, args.heun)} network '
+            f'evaluations per sample; {cfg}{proto}')
 
 
 # -----------------------------------------------------------------------------
@@ -162,7 +260,7 @@ def balanced_labels(n, num_classes, seed):
 
 
 def seed_batch(seed, start):
-    """The SDE's own noise is drawn inside sit.euler_maruyama_sampler from the global RNG, batch-wise, so it is
+    """The SDE's own noise is drawn inside sit's SDE samplers from the global RNG, batch-wise, so it is
     seeded per batch from (seed, index of the batch's first sample): batches are fixed ranges of global indices
     (start = k * batch_size), hence the result is independent of the world size and of resume."""
     torch.manual_seed(int(np.random.SeedSequence([seed, start, 1]).generate_state(1)[0]))
@@ -174,7 +272,7 @@ def generate(net, noise, y, meta, vae, args):
     with torch.autocast(y.device.type, dtype=torch.bfloat16, enabled=args.bf16):
         x = sit.sample(net, noise, y, mode=args.mode, num_steps=args.num_steps, heun=args.heun,
                        cfg_scale=args.cfg_scale, guidance_low=args.guidance_low, guidance_high=args.guidance_high,
-                       cls_cfg_scale=args.cls_cfg_scale)                         # (n, C, h, w)
+                       cls_cfg_scale=args.cls_cfg_scale, cfg_channels=args.cfg_channels)  # (n, C, h, w)
         return sit.decode_latents(x, meta, vae, round=args.round)
 
 
@@ -206,16 +304,11 @@ def main(argv=None):
     ckpt_dir = os.path.dirname(os.path.abspath(args.ckpt))
     run_dir = os.path.dirname(ckpt_dir) if os.path.basename(ckpt_dir) == 'checkpoints' else ckpt_dir
     sample_dir = args.sample_dir or os.path.join(run_dir, 'samples')
-    mode = 'heun' if args.heun else args.mode
-    name = (f"{os.path.splitext(os.path.basename(args.ckpt))[0]}-{tag}-{mode}{args.num_steps}-cfg{args.cfg_scale}-"
-            f"g{args.guidance_low}-{args.guidance_high}-seed{args.seed}" +
-            (f'-balanced{args.num_samples}' if args.class_balanced else '') +
-            ('-sitconv' if args.sit_convention else '') +
-            (f'-clscfg{args.cls_cfg_scale}' if len(shapes) > 1 and args.cls_cfg_scale is not None else '') +
-            ('-round' if args.round else '') + ('-bf16' if args.bf16 else ''))
+    name = folder_name(args, os.path.splitext(os.path.basename(args.ckpt))[0], tag, len(shapes) > 1)
     log = print if rank == 0 else (lambda *a, **k: None)
     log(f"{what}: {sum(p.numel() for p in model.parameters()):,} parameters; latents {shape}, {K} classes, "
         f"{world} process(es) on {device.type}")
+    log(describe_sampler(args))
 
     # -------------------------------------------------------------------------
     # --grid N: N samples per class, one column per class, on rank 0

@@ -396,37 +396,46 @@ def sample_latents(moments, meta):
     return (mean + std * torch.randn_like(mean) - m) / s * k
 
 
-def guided_velocity(model, x, t, y, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0, guide=None):
-    """v(x, t | y), classifier-free guided only while guidance_low <= t <= guidance_high. Outside the
-    interval (or at scale 1) only the conditional half runs: no doubled batch. `guide` overrides the interval
-    test with a decision the caller already made (Heun's second evaluation, see euler_sampler)."""
+def guided_velocity(model, x, t, y, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0, guide=None,
+                    cfg_channels=0):
+    """v(x, t | y), classifier-free guided only while guidance_low <= t <= guidance_high and cfg_scale > 1: the
+    official samplers' rule (REPA's, REG's and SiT's guide only above 1, so a scale below 1 samples without
+    guidance there and here; sample.py refuses such scales in one line). Outside the interval (or at scale <= 1)
+    only the conditional half runs: no doubled batch. `guide` overrides the interval test with a decision the
+    caller already made (Heun's second evaluation, see euler_sampler). cfg_channels = k > 0 guides the first k
+    channels only and gives the others the conditional velocity, as SiT's and DiT's forward_with_cfg do (k = 3 of
+    SD-VAE's 4 channels, which SiT's published guided FIDs used); 0 guides all channels (REPA, HASTE, REG)."""
     t_vec = torch.full((x.shape[0],), float(t), device=x.device)
     if guide is None:
         guide = guidance_low <= t <= guidance_high
-    if cfg_scale != 1.0 and guide:
+    if cfg_scale > 1.0 and guide:
         y_null = torch.full_like(y, model.num_classes)
         v = model(torch.cat([x, x]), torch.cat([t_vec, t_vec]), torch.cat([y, y_null]))[0].float()
         v_cond, v_uncond = v.chunk(2)
         # a joint state may guide its parts with their own scales (REG's class token: JointState)
-        scale = model.guidance_scale(cfg_scale).to(v.device) if hasattr(model, 'guidance_scale') else cfg_scale
-        return v_uncond + scale * (v_cond - v_uncond)
+        scale = model.guidance_scale(cfg_scale, v.device) if hasattr(model, 'guidance_scale') else cfg_scale
+        v = v_uncond + scale * (v_cond - v_uncond)
+        if cfg_channels:
+            v = torch.cat([v[:, :cfg_channels], v_cond[:, cfg_channels:]], dim=1)
+        return v
     return model(x, t_vec, y)[0].float()
 
 
 @torch.no_grad()
 def euler_sampler(model, latents, y, num_steps=50, heun=False, cfg_scale=1.0, guidance_low=0.0,
-                  guidance_high=1.0):
-    """Probability-flow ODE, Euler (or Heun, as REPA: no correction on the last step), t uniform 1 -> 0."""
+                  guidance_high=1.0, cfg_channels=0):
+    """Probability-flow ODE, Euler (or Heun, as REPA: no correction on the last step), t uniform 1 -> 0.
+    Network evaluations per sample: num_steps (Euler), 2 * num_steps - 1 (Heun)."""
     ts = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64).tolist()
     x = latents.float()                                                      # (N, C, H, W)
     for i, (t_cur, t_next) in enumerate(zip(ts[:-1], ts[1:])):
         guide = guidance_low <= t_cur <= guidance_high
-        d_cur = guided_velocity(model, x, t_cur, y, cfg_scale, guide=guide)
+        d_cur = guided_velocity(model, x, t_cur, y, cfg_scale, guide=guide, cfg_channels=cfg_channels)
         x_next = x + (t_next - t_cur) * d_cur
         if heun and i < num_steps - 1:
             # REPA decides the guidance interval once per step, at t_cur, for both evaluations (its code defines
             # the published numbers); deciding again at t_next would differ by ~1e-3 at the interval's edge
-            d_next = guided_velocity(model, x_next, t_next, y, cfg_scale, guide=guide)
+            d_next = guided_velocity(model, x_next, t_next, y, cfg_scale, guide=guide, cfg_channels=cfg_channels)
             x_next = x + (t_next - t_cur) * 0.5 * (d_cur + d_next)
         x = x_next
     return x
@@ -439,20 +448,56 @@ def score_from_velocity(v, x, t):
 
 @torch.no_grad()
 def euler_maruyama_sampler(model, latents, y, num_steps=250, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0,
-                           t_last=0.04):
+                           t_last=0.04, cfg_channels=0):
     """Reverse SDE as REPA: diffusion w(t) = 2t, drift v - w/2 * score, t linear 1 -> t_last over num_steps
-    points, then one deterministic (mean) step t_last -> 0. num_steps network evaluations per sample."""
+    points, then one deterministic (mean) step t_last -> 0. num_steps network evaluations per sample.
+    This is also the original SiT repository's SDE sampler with its defaults (Euler steps, diffusion form 'sigma'
+    with norm 1: w = 2 sigma_t, last step 'Mean' of size 0.04, grid linspace(0, 0.96, num_steps) in its time
+    direction), so num_steps means its --num-sampling-steps (tests/test_sit.py checks it step for step)."""
     ts = torch.linspace(1.0, t_last, num_steps, dtype=torch.float64).tolist() + [0.0]
     x = latents.float()
     for i, (t_cur, t_next) in enumerate(zip(ts[:-1], ts[1:])):
         dt = t_next - t_cur                                                  # < 0
-        v = guided_velocity(model, x, t_cur, y, cfg_scale, guidance_low, guidance_high)
+        v = guided_velocity(model, x, t_cur, y, cfg_scale, guidance_low, guidance_high, cfg_channels=cfg_channels)
         w = 2 * t_cur
         drift = v - 0.5 * w * score_from_velocity(v, x, t_cur)
         x = x + drift * dt
         if i < len(ts) - 2:  # the last step returns the mean: no noise
             x = x + math.sqrt(w * abs(dt)) * torch.randn_like(x)
     return x
+
+
+@torch.no_grad()
+def heun_sde_sampler(model, latents, y, num_steps=250, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0,
+                     t_last=0.04, cfg_channels=0):
+    """The original SiT repository's SDE sampler with Heun steps (its `SDE --sampling-method Heun`; the sampler
+    CAR-Flow reports), in our time direction: the SDE, the grid and the last step of euler_maruyama_sampler, so
+    num_steps is SiT's --num-sampling-steps. Each of the num_steps - 1 steps first adds its noise at the step's
+    start, xhat = x + sqrt(w(t_cur) |dt|) eps, then takes a Heun step of the drift from xhat, evaluated at
+    (xhat, t_cur) and at the Euler prediction (xhat + dt d0, t_next). The last step t_last -> 0 is the mean step.
+    Network evaluations per sample: 2 (num_steps - 1) + 1 = 2 num_steps - 1. SiT has no guidance interval; with
+    one, both evaluations of a step follow the decision at t_cur, as euler_sampler's Heun does."""
+    def drift(x, t, guide):  # v - w/2 * score with w(t) = 2t
+        v = guided_velocity(model, x, t, y, cfg_scale, guide=guide, cfg_channels=cfg_channels)
+        return v - t * score_from_velocity(v, x, t)
+
+    ts = torch.linspace(1.0, t_last, num_steps, dtype=torch.float64).tolist() + [0.0]
+    x = latents.float()
+    for i, (t_cur, t_next) in enumerate(zip(ts[:-1], ts[1:])):
+        dt, guide = t_next - t_cur, guidance_low <= t_cur <= guidance_high  # dt < 0
+        if i == len(ts) - 2:  # the last step returns the mean: one evaluation, no noise
+            return x + dt * drift(x, t_cur, guide)
+        x = x + math.sqrt(2 * t_cur * abs(dt)) * torch.randn_like(x)       # xhat: SiT draws the noise first
+        d0 = drift(x, t_cur, guide)
+        d1 = drift(x + dt * d0, t_next, guide)
+        x = x + dt * 0.5 * (d0 + d1)
+
+
+def num_evaluations(num_steps, heun=False):
+    """Network evaluations per sample of sit.sample, for the ODE and the SDE alike: num_steps, or 2 * num_steps - 1
+    with Heun steps (REPA's ODE Heun skips the last correction; the SDE's last step is a single mean step). A
+    guided evaluation runs both CFG halves as one doubled batch and counts once, as the papers count NFEs."""
+    return 2 * num_steps - 1 if heun else num_steps
 
 
 def flip_time(model):
@@ -484,52 +529,64 @@ class JointState(nn.Module):
     def __init__(self, model, latent_shape, cls_cfg_scale):
         super().__init__()
         self.model, self.shape, self.num_classes = model, tuple(latent_shape), model.num_classes
-        self.n, self.cls_cfg_scale = math.prod(latent_shape), cls_cfg_scale
+        self.n, self.cls_cfg_scale, self.scales = math.prod(latent_shape), cls_cfg_scale, {}
 
     def forward(self, s, t, y):
         v, aux = self.model(s[:, :self.n].reshape(-1, *self.shape), t, y, cls=s[:, self.n:])
         return torch.cat([v.flatten(1), aux['cls'].to(v.dtype)], dim=1), aux   # (N, C*H*W + cls_dim)
 
-    def guidance_scale(self, cfg_scale):
-        token = self.cls_cfg_scale if self.cls_cfg_scale > 0 else 1.0
-        return torch.tensor([cfg_scale] * self.n + [token] * (self.model.cls_dim))  # (C*H*W + cls_dim,)
+    def guidance_scale(self, cfg_scale, device):
+        """Per-element scales of the packed state, built once per sampling run (not at every network call)."""
+        if (cfg_scale, device) not in self.scales:
+            token = self.cls_cfg_scale if self.cls_cfg_scale > 0 else 1.0
+            self.scales[cfg_scale, device] = torch.cat([torch.full((self.n,), float(cfg_scale)),
+                                                        torch.full((self.model.cls_dim,), float(token))]).to(device)
+        return self.scales[cfg_scale, device]                                # (C*H*W + cls_dim,)
 
 
 class ShiftsOnce(nn.Module):
     """CAR-Flow while sampling: the shifts depend on the labels only, so they are computed once per label batch
-    (with and without the CFG half), not at every step. Same numbers, fewer shift-net calls."""
+    (with and without the CFG half), not at every step. One ShiftsOnce serves one sit.sample call, whose network
+    calls see two label tensors only, y (n) and [y, null] (2n): the cache is keyed by batch length and never
+    compares labels (torch.equal would be a host sync at every call). Same numbers, fewer shift-net calls."""
 
     def __init__(self, model):
         super().__init__()
         self.model, self.num_classes, self.cache = model, model.num_classes, {}
 
     def forward(self, x, t, y, **kw):
-        hit = self.cache.get(len(y))
-        if hit is None or not torch.equal(hit[0], y):
-            hit = self.cache[len(y)] = (y.clone(), self.model.shifts(y))
-        return unshifted_velocity(self.model, x, t, y, shifts=hit[1], **kw)
+        if len(y) not in self.cache:
+            self.cache[len(y)] = self.model.shifts(y)
+        return unshifted_velocity(self.model, x, t, y, shifts=self.cache[len(y)], **kw)
 
 
 def sample(model, noise, y, mode='sde', num_steps=250, heun=False, cfg_scale=1.0, guidance_low=0.0,
-           guidance_high=1.0, cls_cfg_scale=None):
-    """The one sampling entry point of sample.py and the training previews: the SDE (Euler-Maruyama, REPA's
-    evaluation sampler) or the ODE (Euler, or Heun), for every model of this repo. noise: the latents' noise
-    (N, C, H, W) at t = 1, or a list with one noise tensor per entry of noise_shapes(model, ...) (REG: latents,
-    then class token, integrated jointly; cls_cfg_scale defaults to cfg_scale). Returns the latents at t = 0."""
-    kw = dict(num_steps=num_steps, cfg_scale=cfg_scale, guidance_low=guidance_low, guidance_high=guidance_high)
-    if mode == 'sde' and heun:
-        fail('Heun steps are for the ODE (--mode ode); the SDE sampler is Euler-Maruyama only')
+           guidance_high=1.0, cls_cfg_scale=None, cfg_channels=0):
+    """The one sampling entry point of sample.py and the training previews, for every model of this repo: the SDE
+    with Euler-Maruyama steps (REPA's evaluation sampler, which is also SiT's default SDE) or with Heun steps (SiT's
+    `--sampling-method Heun`), or the ODE (Euler, or Heun). num_evaluations(num_steps, heun) network calls per
+    sample. noise: the latents' noise (N, C, H, W) at t = 1, or a list with one noise tensor per entry of
+    noise_shapes(model, ...) (REG: latents, then class token, integrated jointly; cls_cfg_scale defaults to
+    cfg_scale). cfg_channels: see guided_velocity. Returns the latents at t = 0."""
+    kw = dict(num_steps=num_steps, cfg_scale=cfg_scale, guidance_low=guidance_low, guidance_high=guidance_high,
+              cfg_channels=cfg_channels)
     if mode not in ('sde', 'ode'):
         fail(f"unknown sampling mode {mode!r}; use 'sde' or 'ode'")
     noise = list(noise) if isinstance(noise, (list, tuple)) else [noise]
     if len(noise) != len(noise_shapes(model, noise[0].shape[1:])):
         fail(f'the model integrates {len(noise_shapes(model, noise[0].shape[1:]))} noise tensors per sample, got '
              f'{len(noise)}; draw them with sit.noise_shapes')
+    if cfg_channels and not (len(noise) == 1 and 0 < cfg_channels <= noise[0].shape[1]):
+        fail(f'cfg_channels={cfg_channels}: guiding some channels only needs 1..{noise[0].shape[1]} latent '
+             f'channels and a model without a class token (SiT\'s rule is for plain latents); use 0 (all channels)')
     net, x = ShiftsOnce(model) if getattr(model, 'has_shifts', False) else model, noise[0]
     if len(noise) == 2:
         net = JointState(model, x.shape[1:], cfg_scale if cls_cfg_scale is None else cls_cfg_scale)
         x = torch.cat([x.flatten(1), noise[1]], dim=1)                     # (N, C*H*W + cls_dim)
-    x = euler_maruyama_sampler(net, x, y, **kw) if mode == 'sde' else euler_sampler(net, x, y, heun=heun, **kw)
+    if mode == 'sde':
+        x = (heun_sde_sampler if heun else euler_maruyama_sampler)(net, x, y, **kw)
+    else:
+        x = euler_sampler(net, x, y, heun=heun, **kw)
     return x[:, :math.prod(noise[0].shape[1:])].reshape(noise[0].shape) if len(noise) == 2 else x
 
 

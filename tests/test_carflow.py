@@ -187,6 +187,27 @@ def test_samplers_with_known_shifts(mode, cfg):
             assert abs(xk.std().item() - S[k]) < 4 * se + 0.01 * S[k]
 
 
+def test_shifts_computed_once_per_label_batch():
+    """While sampling, the shifts are computed once for y and once for [y, null] (the CFG batch), not at every
+    network call, and the samples are those of the field that recomputes them every time."""
+    class Counting(ShiftedGaussian):
+        has_shifts = True                                                    # what routes SiT through ShiftsOnce
+
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def shifts(self, y):
+            self.calls.append(len(y))
+            return super().shifts(y)
+    model, y, eps = Counting(), torch.arange(50) % 2, torch.randn(50, 2)
+    out = []
+    for m in (model, ShiftedGaussian()):
+        torch.manual_seed(1)
+        out.append(sit.sample(m, eps, y, mode='sde', num_steps=20, cfg_scale=2.5, guidance_high=0.8))
+    assert sorted(model.calls) == [50, 100] and torch.equal(out[0], out[1])
+
+
 # -----------------------------------------------------------------------------
 # checkpoints and DDP
 

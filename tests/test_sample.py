@@ -227,9 +227,66 @@ def test_one_line_errors(env, tmp_path):
     torch.save(moved, tmp_path / 'moved.pt')
     assert 'pass --data-path' in error(['--ckpt', str(tmp_path / 'moved.pt')])
     assert 'holds a SiT-T/8' in error(['--ckpt', ckpt, '--model', 'SiT-B/8'])
-    assert '--heun needs --mode ode' in error(['--ckpt', ckpt, '--heun'])
+    assert '--protocol carflow needs --cfg-scale' in error(['--ckpt', ckpt, '--protocol', 'carflow'])
+    assert 'scales below 1' in error(['--ckpt', ckpt, '--cfg-scale', '0.5'])
+    assert '--cfg-channels -1' in error(['--ckpt', ckpt, '--cfg-channels', '-1'])
+    assert 'cfg_channels=4' in error(['--ckpt', ckpt, '--cfg-channels', '4', '--num-samples', '1', '--num-steps', '1',
+                                      '--cfg-scale', '2', '--sample-dir', str(tmp_path / 'ch4')])  # toy: 3 channels
     out = run(tmp_path / 'moved.pt', tmp_path / 'out', '--data-path', toy, '--num-samples', '1', '--mode', 'ode')
     assert npz(out).shape == (1, 16, 16, 3)
+
+
+# -----------------------------------------------------------------------------
+# --protocol: each published evaluation by name, on the toy checkpoint (2 samples, the protocol's full step count)
+
+# what each paper's official evaluation runs, written out independently of sample.PROTOCOLS (sources there)
+PUBLISHED = {
+    'repa': dict(mode='sde', num_steps=250, heun=False, cfg_scale=1.8, guidance_low=0.0, guidance_high=0.7,
+                 cfg_channels=0, cls_cfg_scale=None),
+    'repa-nocfg': dict(mode='sde', num_steps=250, heun=False, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0,
+                       cfg_channels=0, cls_cfg_scale=None),
+    'haste': dict(mode='sde', num_steps=250, heun=False, cfg_scale=1.65, guidance_low=0.0, guidance_high=0.72,
+                  cfg_channels=0, cls_cfg_scale=None),
+    'reg': dict(mode='sde', num_steps=250, heun=False, cfg_scale=2.3, guidance_low=0.0, guidance_high=0.85,
+                cfg_channels=0, cls_cfg_scale=2.3),
+    'sit': dict(mode='sde', num_steps=250, heun=False, cfg_scale=1.5, guidance_low=0.0, guidance_high=1.0,
+                cfg_channels=3, cls_cfg_scale=None),
+    'carflow': dict(mode='sde', num_steps=125, heun=True, cfg_scale=1.3, guidance_low=0.0, guidance_high=1.0,
+                    cfg_channels=3, cls_cfg_scale=None),             # 1.3: carflow's scale must be given
+}
+
+
+@pytest.mark.parametrize('name', list(PUBLISHED))
+def test_protocol_sets_the_published_flags(env, monkeypatch, capsys, name):
+    """sample.py --protocol NAME on a toy checkpoint: the sampler receives the published settings, the pixels and
+    the 50K count follow the official script, and the log and folder name carry the protocol and its overrides."""
+    seen, real = [], sit.sample
+    monkeypatch.setattr(sit, 'sample', lambda net, z, y, **kw: seen.append(kw) or real(net, z, y, **kw))
+    extra = ['--cfg-scale', '1.3'] if name == 'carflow' else []
+    argv = ['--ckpt', env['ckpt'], '--protocol', name, '--num-samples', '2', '--batch-size', '2', *extra]
+    folder = sample.main(argv + ['--sample-dir', str(env['tmp'] / 'proto')])
+    assert seen == [PUBLISHED[name]]
+    args = sample.parse_args(argv)
+    assert args.protocol == name and args.overrides == ['--num-samples'] and args.weights == 'ema'
+    assert args.round == (name in ('sit', 'carflow')) and not args.bf16 and not args.class_balanced
+    assert sample.parse_args(['--ckpt', env['ckpt'], '--protocol', name, *extra]).num_samples == 50_000
+    assert f'-ema-{name}-' in os.path.basename(folder) and npz(folder).shape == (2, 16, 16, 3)
+    evals = 249 if name == 'carflow' else 250
+    out = capsys.readouterr().out
+    assert f'= {evals} network evaluations per sample' in out and f'protocol {name} (overridden: --num-samples)' in out
+
+
+def test_protocol_overrides_and_no_protocol():
+    """Flags given with a protocol win and are recorded when they differ from it; without one nothing is recorded."""
+    args = sample.parse_args(['--ckpt', 'x.pt', '--protocol', 'sit', '--cfg-scale', '1.5', '--guidance-high', '0.8',
+                              '--no-round', '--cfg-channels', '0'])
+    assert (args.cfg_scale, args.guidance_high, args.round, args.cfg_channels) == (1.5, 0.8, False, 0)
+    assert args.overrides == ['--cfg-channels', '--guidance-high', '--round']    # 1.5 is sit's own scale
+    plain = sample.parse_args(['--ckpt', 'x.pt', '--mode', 'ode', '--heun'])
+    assert plain.protocol is None and plain.overrides == [] and plain.num_steps == 50 and plain.cfg_channels == 0
+    assert sample.folder_name(plain, 'c', 'ema', False) == 'c-ema-heun50-cfg1.0-g0.0-1.0-seed0'
+    sde_heun = sample.parse_args(['--ckpt', 'x.pt', '--heun', '--num-steps', '125', '--cfg-channels', '3'])
+    assert sample.folder_name(sde_heun, 'c', 'ema', False) == 'c-ema-sdeheun125-cfg1.0-g0.0-1.0-seed0-cfgch3'
 
 
 def test_help(capsys):

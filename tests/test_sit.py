@@ -165,6 +165,7 @@ def gaussian_case(n=20000):
     (sit.euler_sampler, dict(num_steps=200)),
     (sit.euler_sampler, dict(num_steps=20, heun=True)),
     (sit.euler_maruyama_sampler, dict(num_steps=250)),
+    (sit.heun_sde_sampler, dict(num_steps=30)),
 ])
 def test_samplers_reach_gaussian_target(sampler, kwargs):
     """Mean and std of each class within 4 standard errors (+ a 1% discretisation allowance)."""
@@ -194,6 +195,106 @@ def test_sde_noise_matters_and_last_step_is_mean():
     assert (a - b).abs().mean() > 0.1                  # stochastic
     # steps: 49 noisy ones on linspace(1, 0.04, 50), then the mean step 0.04 -> 0 at t = 0.04
     assert [c[0] for c in model.calls[-50:]] == pytest.approx(list(np.linspace(1, 0.04, 50)))
+
+
+# -----------------------------------------------------------------------------
+# the original SiT repository's SDE sampler, written out plainly in its own convention (t = 0 noise, t = 1 data,
+# the network predicts dx/dt = x - eps): our samplers on a flip_time-wrapped SiT-convention model must take its steps
+
+class SiTGaussian(torch.nn.Module):
+    """GaussianVelocity as a network trained in SiT's direction would predict it: v_sit(x, t) = -v_ours(x, 1 - t)."""
+
+    def __init__(self, ours):
+        super().__init__()
+        self.ours, self.num_classes = ours, ours.num_classes
+
+    def forward(self, x, t, y):
+        return -self.ours(x, 1 - t, y)[0], {}
+
+
+def sit_sde_by_hand(v_sit, z, y, num_steps, heun, cfg_scale=1.0, cfg_channels=0, last_step_size=0.04):
+    """SiT's sample_sde with diffusion form 'sigma' (norm 1) and last step 'Mean': grid linspace(0, 1 - 0.04, N)
+    in float32, N - 1 steps of size dt, then x + drift * 0.04 at t = 0.96. Linear path: alpha_t = t, sigma_t = 1 - t,
+    score = (t v - x) / (1 - t), drift = v + sigma_t * score, noise sqrt(2 sigma_t) dW with dW = randn * sqrt(dt),
+    drawn at the start of each step. CFG as forward_with_cfg: the first cfg_channels channels guided (0: all), the
+    rest conditional; guidance only above scale 1 (sample_ddp.py's using_cfg)."""
+    null = torch.full_like(y, 2)
+
+    def velocity(x, t):
+        tv = torch.full((x.shape[0],), t)
+        vc = v_sit(x, tv, y)[0]
+        if cfg_scale <= 1:
+            return vc
+        vu = v_sit(x, tv, null)[0]
+        k = cfg_channels or x.shape[1]
+        return torch.cat([(vu + cfg_scale * (vc - vu))[:, :k], vc[:, k:]], dim=1)
+
+    def drift(x, t):
+        v = velocity(x, t)
+        return v + (1 - t) * (t * v - x) / (1 - t)
+
+    ts = torch.linspace(0, 1 - last_step_size, num_steps)
+    dt = float(ts[1] - ts[0])
+    x = z.clone()
+    for t in ts[:-1].tolist():
+        dw = torch.randn(x.size()) * math.sqrt(dt)
+        if heun:
+            xhat = x + math.sqrt(2 * (1 - t)) * dw
+            k1 = drift(xhat, t)
+            k2 = drift(xhat + dt * k1, t + dt)
+            x = xhat + 0.5 * dt * (k1 + k2)
+        else:
+            x = x + drift(x, t) * dt + math.sqrt(2 * (1 - t)) * dw
+    return x + drift(x, float(ts[-1])) * last_step_size
+
+
+@pytest.mark.parametrize('heun', [False, True])
+@pytest.mark.parametrize('cfg_scale,cfg_channels', [(1.0, 0), (1.5, 3)])
+def test_sde_is_sits_own_sampler(heun, cfg_scale, cfg_channels):
+    """Euler: our (REPA's) Euler-Maruyama SDE is SiT's default SDE step for step; Heun: SiT's --sampling-method
+    Heun. Same noise (one draw per step from the same seed), same time grid, same last step, and the network
+    evaluation count sit.num_evaluations states (N, or 2N - 1). 4-d Gaussians, so 3 of 4 channels are guided."""
+    gauss = GaussianVelocity([2.0, -1.0, 0.0], [0.5, 1.5, 1.0])
+    z, y, n = torch.randn(400, 4, generator=torch.Generator().manual_seed(0)), torch.arange(400) % 2, 12
+    torch.manual_seed(5)
+    ours = sit.sample(sit.flip_time(SiTGaussian(gauss)), z, y, mode='sde', num_steps=n, heun=heun,
+                      cfg_scale=cfg_scale, cfg_channels=cfg_channels)
+    ours_calls, gauss.calls = gauss.calls, []
+    torch.manual_seed(5)
+    ref = sit_sde_by_hand(SiTGaussian(gauss), z, y, n, heun, cfg_scale, cfg_channels)
+    evals = 2 * n - 1 if heun else n
+    assert len(ours_calls) == evals and sit.num_evaluations(n, heun) == evals
+    assert {bs for _, bs in ours_calls} == {800 if cfg_scale > 1 else 400}  # CFG: one doubled batch per evaluation
+    ref_calls = gauss.calls[::2] if cfg_scale > 1 else gauss.calls     # by hand: cond and null calls apart
+    assert [t for t, _ in ours_calls] == pytest.approx([t for t, _ in ref_calls], abs=1e-6)  # the same grid
+    assert ours_calls[-1][0] == pytest.approx(0.04)                   # the mean step at SiT's t = 0.96
+    assert (ours - ref).abs().max() < 1e-4, (ours - ref).abs().max()
+    torch.manual_seed(5)
+    other = sit.sample(sit.flip_time(SiTGaussian(gauss)), z, y, mode='sde', num_steps=n, heun=not heun,
+                       cfg_scale=cfg_scale, cfg_channels=cfg_channels)
+    assert (other - ref).abs().max() > 1e-2                           # the test tells the two steppers apart
+
+
+def test_cfg_channels_guides_the_first_channels_only():
+    """SiT's forward_with_cfg on independent Gaussian dimensions: channels 0-2 of a 3-channel-guided sample are
+    those of the fully guided one, channel 3 that of the unguided one. Plus the one-line refusals."""
+    model = GaussianVelocity([2.0, -1.0, 0.0], [0.5, 1.5, 1.0])
+    z, y = torch.randn(300, 4), torch.arange(300) % 2
+    kw = dict(mode='ode', num_steps=8, cfg_scale=3.0, guidance_high=0.7)
+    part = sit.sample(model, z, y, cfg_channels=3, **kw)
+    full, plain = sit.sample(model, z, y, **kw), sit.sample(model, z, y, **dict(kw, cfg_scale=1.0))
+    assert torch.allclose(part[:, :3], full[:, :3], atol=1e-6) and torch.allclose(part[:, 3], plain[:, 3], atol=1e-6)
+    assert (full[:, 3] - plain[:, 3]).abs().max() > 0.1
+    with pytest.raises(SystemExit):
+        sit.sample(model, z, y, cfg_channels=5, **kw)
+
+
+def test_guidance_only_above_one():
+    """REPA's, REG's and SiT's rule: a scale below 1 does not guide (the conditional sampler, no doubled batch)."""
+    model, z, y = gaussian_case(200)
+    low = sit.euler_sampler(model, z, y, num_steps=6, cfg_scale=0.5)
+    assert all(bs == 200 for _, bs in model.calls)
+    assert torch.equal(low, sit.euler_sampler(model, z, y, num_steps=6))
 
 
 def euler_by_hand(model, z, y, ts, velocity):
