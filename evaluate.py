@@ -49,6 +49,8 @@ import sample
 import sit
 
 METRICS = ['fid', 'sfid', 'inception_score', 'precision', 'recall', 'fd_dinov2']  # fid.evaluate's names
+NAMES = dict(fid='FID', sfid='sFID', inception_score='Inception Score', precision='Precision', recall='Recall',
+             fd_dinov2='FD-DINOv2')
 NOT_HERE = {'--ckpt': 'name run folders (their checkpoints/*.pt) before the flags',
             '--grid': 'preview grids are sample.py --grid', '--classes': 'preview grids are sample.py --grid'}
 
@@ -395,8 +397,8 @@ def table(group, metric, runs):
     by_run = {run: {r['step']: r['metrics'].get(metric) for r in recs} for run, recs in runs.items()}
     steps = sorted({s for v in by_run.values() for s in v})
     r0 = group[0]
-    lines = [f"{metric} | {describe(r0['protocol'])} | ref {os.path.basename(r0['reference']['path'])} "
-             f"({r0['reference']['sha1'][:8]}) | {r0['num_samples']} samples", '',
+    ref = f"{os.path.basename(r0['reference']['path'])} ({r0['reference']['sha1'][:8]})"
+    lines = [f"{NAMES.get(metric, metric)} | {describe(r0['protocol'])} | ref {ref} | {r0['num_samples']} samples", '',
              '| step | ' + ' | '.join(label(run, recs) for run, recs in runs.items()) + ' |',
              '|---:|' + '---:|' * len(runs)]
     for s in steps:
@@ -438,7 +440,7 @@ def plot(args):
                  f"{', '.join(r0['reference']['features'])}")
         for ax, x in ((ax_step, 'training step'), (ax_img, 'images seen')):
             ax.set_xlabel(x)
-            ax.set_ylabel(args.metric)
+            ax.set_ylabel(NAMES.get(args.metric, args.metric))
             ax.xaxis.set_major_formatter(EngFormatter())
             ax.grid(alpha=0.3)
             ax.set_title(title, fontsize=9)

@@ -7,13 +7,15 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import one_line_error
+from conftest import ROOT, free_port, one_line_error
 from test_fid import randomize_
 
 import evaluate
@@ -23,8 +25,8 @@ import sample
 import sit
 import train_vanilla
 
-N = 8                                                         # samples per checkpoint (>= 4 for precision/recall)
-FLAGS = ['--num-steps', '2', '--batch-size', '3', '--mode', 'sde', '--cfg-scale', '2', '--guidance-high', '0.7']
+N = 5                                                         # samples per checkpoint (>= 4 for precision/recall)
+FLAGS = ['--num-steps', '2', '--batch-size', '2', '--mode', 'sde', '--cfg-scale', '2', '--guidance-high', '0.7']
 
 
 @pytest.fixture(scope='module')
@@ -104,8 +106,8 @@ def test_rerun_adds_nothing_and_samples_nothing(env, scored, monkeypatch):
 
 
 def test_killed_checkpoint_resumes_to_the_same_record(env, scored, monkeypatch):
-    """SIGTERM after the first batch of the first checkpoint: exit without a record, PNGs kept; the rerun
-    finishes from them, records all three, and deletes the samples (default)."""
+    """SIGTERM during the first batch of checkpoint 1: exit 0 without a record, that batch's PNGs kept; the rerun
+    finishes from them, gives the uninterrupted run's record, and deletes the samples (the default)."""
     run = copy_run(env, 'killed')
     real, calls = sample.generate, []
 
@@ -117,34 +119,35 @@ def test_killed_checkpoint_resumes_to_the_same_record(env, scored, monkeypatch):
     monkeypatch.setattr(sample, 'generate', generate_then_signal)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     try:
-        assert score(env, run) == []
+        assert score(env, run, '--steps', '1') == []
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
     [folder] = [os.path.join(dp, d) for dp, ds, _ in os.walk(os.path.join(run, 'samples')) for d in ds
                 if d.startswith('0000001-')]
-    assert sorted(os.listdir(folder)) == ['000000.png', '000001.png', '000002.png']  # the first batch of 3
+    assert sorted(os.listdir(folder)) == ['000000.png', '000001.png']      # the first batch of 2
     monkeypatch.setattr(sample, 'generate', real)
-    records = score(env, run)
+    records = score(env, run, '--steps', '1')
     strip = lambda r: {k: v for k, v in r.items() if k not in ('run', 'wall_time', 'date')}
-    assert [strip(r) for r in records] == [strip(r) for r in scored]
+    assert [strip(r) for r in records] == [strip(scored[0])]
     assert not os.path.exists(os.path.join(run, 'samples'))                  # nothing kept but the records
 
 
 def test_second_protocol_adds_records_and_figure_keeps_them_apart(env, scored, tmp_path, capsys):
     run = copy_run(env, 'two_protocols')
     shutil.copy(os.path.join(env['run'], 'eval.jsonl'), run)
-    records = score(env, run, '--steps', '1,3', '--seed', '1')
-    assert len(records) == 5 and [r['step'] for r in records[3:]] == [1, 3]
-    assert {r['protocol']['seed'] for r in records} == {0, 1}
-    other = copy_run(env, 'other')  # a second run, one record, to see two lines in a panel
-    score(env, other, '--steps', '2')
+    records = score(env, run, '--steps', '3', '--seed', '1')
+    assert len(records) == 4 and records[3]['step'] == 3 and records[3]['protocol']['seed'] == 1
+    assert records[3]['metrics'] != records[2]['metrics']                       # other seeds, other samples
+    other = copy_run(env, 'other')  # a second run (its step-2 record), to see two lines in a panel
+    with open(os.path.join(other, 'eval.jsonl'), 'w') as f:
+        f.write(json.dumps(scored[1]) + '\n')
     out = str(tmp_path / 'fid.png')
     panels = evaluate.main([run, other, '--plot', '--metric', 'fid', '--out', out])
     assert len(panels) == 2                                                  # one panel row per protocol
     for group in panels:
         assert len({json.dumps(r['protocol'], sort_keys=True) for r in group}) == 1
-    assert sorted(len({r['run'] for r in g}) for g in panels) == [1, 2]
+    assert sorted(len({r['run_label'] for r in g}) for g in panels) == [1, 2]
     assert os.path.getsize(out) > 10_000 and open(out, 'rb').read(4) == b'\x89PNG'
     md = open(str(tmp_path / 'fid.md')).read()
     seed0 = next(r for r in records if r['protocol']['seed'] == 0 and r['step'] == 2)['metrics']['fid']
@@ -153,25 +156,25 @@ def test_second_protocol_adds_records_and_figure_keeps_them_apart(env, scored, t
 
 
 def test_watch_scores_new_checkpoints_until_the_last(env, scored, monkeypatch):
-    """A run that 'is still training': only checkpoint 1 at first; 2 and 3 (= max_steps) appear while watching."""
+    """A run 'still training': checkpoints 1 and 2 are scored, 3 (= max_steps) is written while --watch waits; it is
+    scored and the command ends. A half-written checkpoint (.pt.tmp) is not touched."""
     run = copy_run(env, 'watched')
-    ckpts = evaluate.checkpoints(run)
-    hidden = str(env['tmp'] / 'hidden')
-    os.makedirs(hidden)
-    for _, path in ckpts[1:]:
-        shutil.move(path, hidden)
+    shutil.copy(os.path.join(env['run'], 'eval.jsonl'), run)
+    with open(os.path.join(run, 'eval.jsonl')) as f:
+        lines = f.readlines()[:2]
+    with open(os.path.join(run, 'eval.jsonl'), 'w') as f:
+        f.writelines(lines)
+    last = evaluate.checkpoints(run)[-1][1]
+    os.replace(last, last + '.tmp')                                          # being written
 
-    def trainer():  # writes the next checkpoint as training does: tmp, then rename
-        for _, path in ckpts[1:]:
-            while len(evaluate.read_records(run)) < len(evaluate.checkpoints(run)):
-                time.sleep(0.2)
-            shutil.copy(os.path.join(hidden, os.path.basename(path)), path + '.tmp')
-            os.replace(path + '.tmp', path)
+    def trainer():  # finishes the checkpoint as training does (rename) once the watcher has polled a few times
+        time.sleep(1.5)
+        os.replace(last + '.tmp', last)
     t = threading.Thread(target=trainer)
     t.start()
     records = score(env, run, '--watch', '--poll', '0.2', '--timeout', '60')
     t.join()
-    assert [r['step'] for r in records] == [1, 2, 3]
+    assert [r['step'] for r in records] == [1, 2, 3] and records[2]['metrics'] == scored[2]['metrics']
 
 
 def test_bad_input_is_one_line_before_sampling(env, tmp_path, monkeypatch):
@@ -187,3 +190,16 @@ def test_bad_input_is_one_line_before_sampling(env, tmp_path, monkeypatch):
     assert '--ckpt' in one_line_error(evaluate.main, [env['run'], *common, '--ckpt', 'x.pt'])
     assert 'first' in one_line_error(evaluate.main, ['--ref', env['ref']])
     assert 'no records' in one_line_error(evaluate.main, [str(empty), '--plot'])
+
+
+def test_two_processes_give_the_same_record(env, scored):
+    """torchrun with 2 CPU processes: sampling split over ranks, features on rank 0; the same record as one process."""
+    run = copy_run(env, 'ddp')
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={free_port()}',
+           'evaluate.py', run, '--ref', env['ref'], '--num-samples', str(N), '--inception-weights', env['weights'],
+           '--steps', '2', *FLAGS]
+    out = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    [rec] = evaluate.read_records(run)
+    assert rec['world_size'] == 2 and rec['step'] == 2
+    assert rec['metrics'] == scored[1]['metrics'] and rec['protocol'] == scored[1]['protocol']
