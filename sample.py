@@ -28,6 +28,7 @@ The output depends on (checkpoint, settings, --seed, --batch-size), not on the n
 import argparse
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -286,16 +287,28 @@ def save_png(img, path):
 
 # -----------------------------------------------------------------------------
 
-def main(argv=None):
-    args = parse_args(argv)
-    rank, world, device = sit.setup_distributed()
+def sampling_protocol(args):
+    """Every setting that changes the samples (besides the checkpoint and their number): what an evaluation
+    record stores and keys on, so records of different protocols never mix. --batch-size is in: it seeds the SDE
+    noise (seed_batch). --compile is not (same computation; see the padding note in sample_for_evaluation)."""
+    return dict(mode=args.mode, heun=args.heun, num_steps=args.num_steps, cfg_scale=args.cfg_scale,
+                guidance_low=args.guidance_low, guidance_high=args.guidance_high, cls_cfg_scale=args.cls_cfg_scale,
+                cfg_channels=args.cfg_channels, class_balanced=args.class_balanced, seed=args.seed,
+                batch_size=args.batch_size, round=args.round, bf16=args.bf16, weights=args.weights,
+                sit_convention=args.sit_convention, vae=args.vae, protocol=args.protocol,
+                overrides=args.overrides)
+
+
+def load_sampler(args, rank, world, device):
+    """The checkpoint's model (compiled under --compile), its decoder and the output folder's name, on device."""
     cuda = device.type == 'cuda'
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     model, meta, tag, what = load_model(args)
     model.to(device)
-    net = torch.compile(model) if args.compile else model
+    # static shapes: one graph per batch shape (B, 2B inside the CFG interval, and a --grid's), never a dynamic one
+    net = torch.compile(model, dynamic=False) if args.compile else model
     vae = sit.load_autoencoder(meta, device, path=args.vae)  # None for the toy set's identity "autoencoder"
     shape = (meta['latent_channels'], meta['latent_size'], meta['latent_size'])
     shapes = sit.noise_shapes(model, shape)  # the latents, then any state the model carries (REG's class token)
@@ -309,6 +322,18 @@ def main(argv=None):
     log(f"{what}: {sum(p.numel() for p in model.parameters()):,} parameters; latents {shape}, {K} classes, "
         f"{world} process(es) on {device.type}")
     log(describe_sampler(args))
+    return net, model, meta, vae, shapes, K, sample_dir, name, log
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = sit.setup_distributed()
+    if not args.grid:
+        folder, _ = sample_for_evaluation(args, rank, world, device)
+        if world > 1:  # no barrier: the other ranks need not wait (and time out) while rank 0 writes the .npz
+            dist.destroy_process_group()
+        return folder
+    net, model, meta, vae, shapes, K, sample_dir, name, log = load_sampler(args, rank, world, device)
 
     # -------------------------------------------------------------------------
     # --grid N: N samples per class, one column per class, on rank 0
@@ -332,6 +357,14 @@ def main(argv=None):
             dist.destroy_process_group()
         return
 
+
+def sample_for_evaluation(args, rank, world, device, stop=None, write_npz=True):
+    """args.num_samples samples of args.ckpt as PNGs in SAMPLE_DIR/NAME/ (resuming from those on disk) and, with
+    write_npz, all of them in SAMPLE_DIR/NAME.npz. The process group (if any) is the caller's; every rank calls
+    this. stop: the caller's sit.StopFlag (one is made if None). -> (folder, complete): complete is False when a
+    stop signal ended the loop (the finished PNGs are kept) and agreed by all ranks."""
+    net, model, meta, vae, shapes, K, sample_dir, name, log = load_sampler(args, rank, world, device)
+
     # -------------------------------------------------------------------------
     # Evaluation run: batches are fixed ranges of global indices [s, s + B), handed out round-robin
     folder = os.path.join(sample_dir, name)
@@ -347,48 +380,60 @@ def main(argv=None):
     pending = pending[0]
     log(f"{folder}: {len(pending)} of {-(-N // B)} batches of <= {B} samples to generate")
     mine = pending[rank::world]
-    stop = sit.StopFlag()  # SIGTERM / SIGUSR1 / Ctrl-C: finish the batch at hand (its PNGs are kept), exit 0
+    stop = stop or sit.StopFlag()  # SIGTERM / SIGUSR1 / Ctrl-C: finish the batch at hand (its PNGs are kept)
+    # PNG encoding (zlib, which releases the GIL) runs in threads while the next batch samples; at most two
+    # batches of images wait, and all are on disk before the .npz is assembled or the function returns
+    writer, writes = ThreadPoolExecutor(4), []
     t0 = time.time()
     for b, s in enumerate(mine):
         idx = range(s, min(s + B, N))                                           # the last batch is trimmed
+        # under --compile the short last batch is padded to B with copies of its first sample (sliced off below),
+        # so the model sees only the shapes B and 2B (CFG): two graphs, no recompiles. The padding changes the
+        # SDE noise draws of that one batch (randn of B rows), as compiled kernels' rounding changes pixels anyway
+        pad = B - len(idx) if args.compile else 0
         z, y = draw_inputs(idx, args.seed, shapes, K)                           # [(n, C, h, w), ...], (n,)
         if balanced is not None:
             y = balanced[s:idx.stop]
+        if pad:
+            z, y = [torch.cat([n, n[:1].expand(pad, *n.shape[1:])]) for n in z], torch.cat([y, y[:1].expand(pad)])
         seed_batch(args.seed, s)
-        for i, img in zip(idx, generate(net, z, y.to(device), meta, vae, args)):  # img: uint8 (3, H, W)
+        images = generate(net, z, y.to(device), meta, vae, args)[:len(idx)]    # uint8 (n, 3, H, W) on CPU
+        while len(writes) > 2 * B:  # back-pressure: never more than two batches of images in memory
+            writes.pop(0).result()
+        for i, img in zip(idx, images):
             if not os.path.exists(png(i)):  # a partly done batch is regenerated whole; keep what is on disk
-                save_png(img, png(i))
+                writes.append(writer.submit(save_png, img, png(i)))
         if (b + 1) % args.log_every == 0 or b + 1 == len(mine):
             dt = time.time() - t0
             log(f'batch {b + 1}/{len(mine)} (rank 0) | {(b + 1) * B * world / dt:.1f} img/s (all ranks) | '
                 f'eta {sit.format_time(dt / (b + 1) * (len(mine) - b - 1))}')
         if stop.requested:
             break
+    for w in writes:  # raises a failed write's error here
+        w.result()
+    writer.shutdown()
 
     # -------------------------------------------------------------------------
     # All PNGs -> one .npz beside the folder (ADM evaluator format: arr_0, uint8 (N, H, W, 3))
     if stop():  # every rank gets here: the agreed flag doubles as the barrier
         log('stopped by signal; the finished PNGs are kept: rerun the same command to continue')
-        if world > 1:
-            dist.destroy_process_group()
-        return folder
+        return folder, False
     if rank == 0:
         from PIL import Image
         missing = [i for i in range(N) if not os.path.exists(png(i))]
         if missing:
             sit.fail(f'{len(missing)} samples are missing (e.g. {png(missing[0])}); rerun the same command to finish')
-        w, h = Image.open(png(0)).size
-        arr = np.empty((N, h, w, 3), dtype=np.uint8)                            # filled in place: no second copy
-        for i in range(N):
-            arr[i] = np.asarray(Image.open(png(i)).convert('RGB'))
-        npz = folder + '.npz'
-        with open(npz + '.tmp', 'wb') as f:
-            np.savez(f, arr_0=arr)
-        os.replace(npz + '.tmp', npz)
-        log(f'{npz}: arr_0 {arr.dtype} {arr.shape}')
-    if world > 1:  # no barrier: the other ranks need not wait (and time out) while rank 0 writes the .npz
-        dist.destroy_process_group()
-    return folder
+        if write_npz:
+            w, h = Image.open(png(0)).size
+            arr = np.empty((N, h, w, 3), dtype=np.uint8)                        # filled in place: no second copy
+            for i in range(N):
+                arr[i] = np.asarray(Image.open(png(i)).convert('RGB'))
+            npz = folder + '.npz'
+            with open(npz + '.tmp', 'wb') as f:
+                np.savez(f, arr_0=arr)
+            os.replace(npz + '.tmp', npz)
+            log(f'{npz}: arr_0 {arr.dtype} {arr.shape}')
+    return folder, True
 
 
 if __name__ == '__main__':
