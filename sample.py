@@ -191,6 +191,8 @@ def save_png(img, path):
 def main(argv=None):
     args = parse_args(argv)
     rank, world, device = sit.setup_distributed()
+    shared = '--ckpt and the sample folder must be on a file system all nodes share'  # every rank reads / writes them
+    sit.same_view({f"'{args.ckpt}'": sit.file_view(args.ckpt)}, shared)  # else one line per node, not a hang
     cuda = device.type == 'cuda'
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -252,6 +254,7 @@ def main(argv=None):
     if world > 1:
         dist.broadcast_object_list(pending, src=0)
     pending = pending[0]
+    sit.same_view({f"'{folder}'": 'a folder' if os.path.isdir(folder) else None}, shared)  # rank 0 just made it
     log(f"{folder}: {len(pending)} of {-(-N // B)} batches of <= {B} samples to generate")
     mine = pending[rank::world]
     stop = sit.StopFlag()  # SIGTERM / SIGUSR1 / Ctrl-C: finish the batch at hand (its PNGs are kept), exit 0

@@ -787,9 +787,9 @@ def file_view(path):
         return None
     size = os.path.getsize(path)
     if size >= 2 ** 20:
-        return size, ''
+        return f'{size} bytes'
     with open(path, 'rb') as f:
-        return size, hashlib.sha1(f.read()).hexdigest()
+        return f'{size} bytes (sha1 {hashlib.sha1(f.read()).hexdigest()[:12]})'
 
 
 def data_view(path):
@@ -803,15 +803,13 @@ def _describe(v):
         return 'nothing'
     if isinstance(v, list):  # a listing of (name, size)
         return f'{len(v)} file(s), the last {v[-1][0]}' if v else 'no files'
-    if isinstance(v, tuple) and len(v) == 2 and isinstance(v[1], str):
-        return f'{v[0]} bytes' + (f' (sha1 {v[1][:8]})' if v[1] else '')
     return str(v)[:80]
 
 
 def same_view(views, fix):
     """Several nodes coordinate through files: every rank must see what rank 0 sees. views: {label: this rank's
-    view} (file_view, a listing, the config dict). The first difference stops every rank with one line per node,
-    naming the node, what it sees and what rank 0 sees, and `fix`. Without a process group, nothing to compare."""
+    view} (file_view, a short string, a listing of (name, size), or the config dict). The first difference stops
+    every rank with one line per node, naming the node, what it sees and what rank 0 sees, and `fix`. Without a process group, nothing to compare."""
     if not dist.is_initialized():
         return
     got = [None] * get_world_size()
