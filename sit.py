@@ -986,6 +986,7 @@ def _decide_run(cfg, run_keys):
                 diff = _config_diff(json.load(f), cfg, run_keys)
             if diff:
                 fail(f"'{run_dir}' holds a run with other settings ({diff}); pass --out NEW_FOLDER for a new run")
+    writable_or_fail(run_dir)  # before the checkpoint is mapped (mmap): a refused run holds no file open
     ckpt = None
     if path is not None:
         ckpt = load_checkpoint(path)
@@ -1001,7 +1002,6 @@ def _decide_run(cfg, run_keys):
             fail(f"'{run_dir}' already holds a run with other settings ({diff}); continue it with its own flags "
                  f"(--resume {run_dir}), or pass --out NEW_FOLDER for a new run")
         ckpt['path'] = path
-    writable_or_fail(run_dir)
     return run_dir, ckpt
 
 
@@ -1070,6 +1070,8 @@ def restore(ckpt, model, ema, opt, device, log):
     opt.load_state_dict(ckpt['opt'])
     for group, kv in zip(opt.param_groups, impl):
         group.update(kv)
+    for state in opt.state.values():  # CPU state would stay a view of the memory-mapped checkpoint file: copy it
+        state.update({k: v.clone() for k, v in state.items() if torch.is_tensor(v) and v.device.type == 'cpu'})
     step, rank, world = ckpt['step'], get_rank(), get_world_size()
     if len(ckpt['rng']) == world:
         set_rng_state(ckpt['rng'][rank], device)
