@@ -299,7 +299,6 @@ def prepare_imagenet(args):
     rank, world, device = sit.setup_distributed()
     stop = sit.StopFlag()  # SIGTERM / SIGUSR1 / Ctrl-C: finish the chunk at hand, exit 0; rerun to continue
     barrier = dist.barrier if dist.is_initialized() else (lambda: None)
-    fail_all = sit.fail  # every rank reaches the same verdict; each node's first process says it
 
     out, R, chunk = args.out, args.resolution, args.chunk_size
     # the ranks coordinate through --out (state, progress records, arrays written in place): every node must see
@@ -314,7 +313,7 @@ def prepare_imagenet(args):
     vae = sit.load_vae(args.vae, device)  # before the long file check: a wrong --vae fails at once
     down, C = vae.factor, vae.latent_channels
     if R % down:
-        fail_all(f'--resolution must be a multiple of {down} (the VAE downsamples {down}x), got {R}')
+        sit.fail(f'--resolution must be a multiple of {down} (the VAE downsamples {down}x), got {R}')
     paths, labels, names = list_image_folder(args.src, args.classes, args.limit)
     rel = [os.path.relpath(p, args.src) for p in paths]
     # what a resumed run must agree on (batch size, workers and rank count may change)
@@ -326,7 +325,7 @@ def prepare_imagenet(args):
     barrier()  # everyone has read the state before rank 0 may write a new one
     if state is not None and state['key'] != key:
         changed = ', '.join(k for k in key if state['key'].get(k) != key[k])
-        fail_all(f"'{out}' holds an unfinished preparation with other files or settings ({changed}); "
+        sit.fail(f"'{out}' holds an unfinished preparation with other files or settings ({changed}); "
                  f"re-run the same command, or delete the folder to start over")
     if state is None:
         t0 = time.time()
@@ -348,10 +347,10 @@ def prepare_imagenet(args):
         bad.sort()
         if bad and not args.skip_bad:
             more = f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''
-            fail_all(f'cannot read image {bad[0][0]} ({bad[0][1]}){more}; fix or remove it, '
+            sit.fail(f'cannot read image {bad[0][0]} ({bad[0][1]}){more}; fix or remove it, '
                      f'or pass --skip-bad to leave it out')
         if len(bad) == len(paths):
-            fail_all(f'none of the {len(paths)} files could be read, e.g. {bad[0][0]} ({bad[0][1]})')
+            sit.fail(f'none of the {len(paths)} files could be read, e.g. {bad[0][0]} ({bad[0][1]})')
         bad_paths = {p for p, _ in bad}
         bad_rel = [r for p, r in zip(paths, rel) if p in bad_paths]
         if rank == 0:

@@ -192,7 +192,7 @@ def main(argv=None):
     args = parse_args(argv)
     rank, world, device = sit.setup_distributed()
     shared = '--ckpt and the sample folder must be on a file system all nodes share'  # every rank reads / writes them
-    sit.same_view({f"'{args.ckpt}'": sit.file_view(args.ckpt)}, shared)  # else one line per node, not a hang
+    sit.same_view({'--ckpt': f"'{args.ckpt}', {sit.file_view(args.ckpt)}"}, shared)  # else one line per node
     cuda = device.type == 'cuda'
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 # Errors a user can fix
 
 class Deferred(SystemExit):
-    """fail() inside decide_for_all(): the line, kept for rank 0 to hand to every rank."""
+    """fail() inside attempt(): the line, kept for this rank to hand to the others first (decide_for_all)."""
 
 
 _deferring = False
@@ -742,7 +742,7 @@ SHARED = 'the run folder (--out) and --data-path must be on a file system all no
 
 def where_am_i():
     """'node N (rank R, host H)': torchrun's GROUP_RANK is the node's index."""
-    return (f"node {os.environ.get('GROUP_RANK', '?')} (rank {get_rank()}, host {socket.gethostname()})")
+    return f"node {os.environ.get('GROUP_RANK', '?')} (rank {get_rank()}, host {socket.gethostname()})"
 
 
 def attempt(fn, *args):
@@ -809,7 +809,8 @@ def _describe(v):
 def same_view(views, fix):
     """Several nodes coordinate through files: every rank must see what rank 0 sees. views: {label: this rank's
     view} (file_view, a short string, a listing of (name, size), or the config dict). The first difference stops
-    every rank with one line per node, naming the node, what it sees and what rank 0 sees, and `fix`. Without a process group, nothing to compare."""
+    every rank with one line per node, naming the node, what it sees and what rank 0 sees, and `fix`. Without a
+    process group there is nothing to compare."""
     if not dist.is_initialized():
         return
     got = [None] * get_world_size()
@@ -817,7 +818,7 @@ def same_view(views, fix):
     ref = got[0][1]
     for who, view in got[1:]:
         for label, v in view.items():
-            if v == ref[label]:
+            if v == ref.get(label):
                 continue
             if isinstance(v, dict):
                 fail(f'{who} was started with other flags than rank 0 ({_config_diff(ref[label], v, ())}); start '
