@@ -148,3 +148,15 @@ def test_hot_path_items():
     sit.restore(ckpt, net, copy.deepcopy(net), opt, torch.device('cpu'), lambda msg: None)
     assert opt.param_groups[0]['fused'] is True and opt.param_groups[0]['foreach'] is None
     assert torch.equal(opt.state[net.weight]['exp_avg'], saved.state[net.weight]['exp_avg'])
+
+
+def test_sample_py_on_a_node_without_the_checkpoint_stops(toy, tmp_path):
+    """sample.py: every rank loads --ckpt; a node that does not see it stops the job in one line per node (it used
+    to fail alone, leaving the other node waiting in the first collective)."""
+    out = tmp_path / 'runs' / 'run'
+    run(toy, out, '--max-steps', '1')
+    # a file: parse_args resolves a run folder to its newest checkpoint before the process group exists
+    outs = finish(launch(['--ckpt', out / 'checkpoints' / '0000001.pt', '--num-samples', '4', '--mode', 'ode', '--num-steps', '2',
+                          '--sample-dir', tmp_path / 's'], node1=private_view(tmp_path / 'runs'), script='sample.py'))
+    one_line_per_node(outs, '--ckpt and the sample folder must be on a file system all nodes share')
+    assert not (tmp_path / 's').exists()
