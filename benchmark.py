@@ -8,16 +8,28 @@ Each method's real script runs as its own process on the same synthetic prepared
 and 4x32x32 latent moments, 1000 classes), with random-weight DINOv2-B teachers (speed does not depend on the
 weights). The rate is read from the script's own log line after a warm-up interval, so data loading, the teacher,
 the optimizer and the EMA are all in it. Ratios are what to compare; absolute numbers depend on the machine.
+
+FLOPs: one training step of each script (its own main(), one process, 2 images) runs under torch's
+FlopCounterMode, which counts matrix products, convolutions and attention, a multiply-add as 2 FLOPs (the DiT
+paper's "Gflops" count it once: halve ours to compare). The teacher's forward is counted apart from the student's
+step (forward, backward, projector). Each step time is then printed with its achieved TFLOP/s (student step +
+teacher) and, on a GPU, the model-FLOPs utilisation against the device's dense bf16 peak (PEAK_TFLOPS, or
+--peak-tflops).
 """
 import argparse
+import contextlib
 import importlib
+import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 
 import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 import prepare
 import sit
@@ -39,6 +51,66 @@ def synthetic_imagenet(path, count, seed=0):
                        latent_size=32, num_classes=1000, count=count)
 
 
+# dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets; the first name contained in
+# torch.cuda.get_device_name() wins
+PEAK_TFLOPS = [('B200', 2250), ('H200', 989), ('H100 PCIe', 756), ('H100 NVL', 835), ('H100', 989), ('A100', 312),
+               ('L40S', 362), ('L4', 121)]
+
+# torch's counter has no formula for the CPU attention kernel: the same count as for the GPU kernels
+CPU_ATTENTION = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+        lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v),
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        lambda grad, q, k, v, *args, out_shape=None, **kwargs: sdpa_backward_flop_count(grad, q, k, v),
+}
+
+
+def flop_counter():
+    return FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION)
+
+
+def forward_flops(model_name):
+    """FLOPs of one SiT forward per image (ImageNet 256 latents, 4x32x32): one sampler step without CFG."""
+    model, meta = sit.build_model(model_name).to('meta'), dict(device='meta')  # shapes only: nothing is computed
+    with torch.no_grad(), flop_counter() as fc:
+        model(torch.randn(1, 4, 32, 32, **meta), torch.rand(1, **meta), torch.zeros(1, dtype=torch.long, **meta))
+    return fc.get_total_flops()
+
+
+def step_flops(script, extra, data, out, model_name, batch=2):
+    """FLOPs per image of one training step of train_<script>.py: its main() for one step of `batch` images, under
+    the counter, with checkpoint writing switched off (the step is all that is counted). -> (student, teacher):
+    the teacher's forward apart, everything else (forward, backward, projector, shift nets) in student."""
+    train = importlib.import_module(f'train_{script}')
+    argv = ['--data-path', data, '--out', out, '--model', model_name, '--global-batch', str(batch), '--max-steps', '1',
+            '--sample-every', '0', '--num-workers', '0', *extra]
+    if 'enc_ckpt' in train.config:
+        argv += ['--enc-ckpt', 'random']
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}  # main() sets them
+    save, sit.save_training_state = sit.save_training_state, lambda *args, **kwargs: None
+    try:
+        with flop_counter() as fc, contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            train.main(argv)
+    finally:
+        sit.save_training_state = save
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    teacher = sum(fc.get_flop_counts().get('Teacher', {}).values())
+    return (fc.get_total_flops() - teacher) / batch, teacher / batch
+
+
+def peak_tflops(args):
+    if args.peak_tflops:
+        return args.peak_tflops
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    peak = next((p for key, p in PEAK_TFLOPS if key in name), None)
+    if peak is None:
+        print(f'{name}: no dense bf16 peak known; pass --peak-tflops for MFU', flush=True)
+    return peak
+
+
 # (label, script, extra flags): HASTE twice, before and after its switch at tau
 RUNS = [('vanilla', 'vanilla', []), ('repa', 'repa', []), ('haste I', 'haste', ['--tau', str(10 ** 9)]),
         ('haste II', 'haste', ['--tau', '0']), ('reg', 'reg', []), ('carflow', 'carflow', [])]
@@ -51,12 +123,25 @@ def main():
     p.add_argument('--steps', type=int, default=12, help='timed steps per method (after as many warm-up steps)')
     p.add_argument('--rounds', type=int, default=3, help='every method once per round; medians over rounds')
     p.add_argument('--only', help='comma-separated labels to run (vanilla always runs: it is the reference)')
+    p.add_argument('--peak-tflops', type=float, help='dense bf16 peak of the GPU for MFU (default: PEAK_TFLOPS)')
+    p.add_argument('--flops-only', action='store_true', help='count the FLOPs per image, skip the timing')
     args = p.parse_args()
+    peak = peak_tflops(args)
     runs = [r for r in RUNS if os.path.exists(os.path.join(ROOT, f'train_{r[1]}.py'))
             and (not args.only or r[0] == 'vanilla' or r[0] in args.only.split(','))]
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, 'data')
         synthetic_imagenet(data, 2 * args.steps * args.batch)
+        print(f'{args.model} FLOPs per image (a multiply-add = 2 FLOPs): forward {forward_flops(args.model) / 1e9:.1f} '
+              f'G; one training step:', flush=True)
+        flops = {}
+        for label, script, extra in runs:
+            flops[label] = step_flops(script, extra, data, os.path.join(tmp, 'flops-' + label.replace(' ', '_')),
+                                      args.model)
+            print(f'  {label:9s} {flops[label][0] / 1e9:8.1f} G student + {flops[label][1] / 1e9:6.1f} G teacher',
+                  flush=True)
+        if args.flops_only:
+            return
         rates = {label: [] for label, _, _ in runs}
         for k in range(args.rounds):  # interleaved, so a drift of the machine's speed hits every method alike
             for label, script, extra in runs:
@@ -75,11 +160,14 @@ def main():
                 print(f'round {k + 1}: {label:9s} {rates[label][-1]:8.2f} img/s', flush=True)
     median = lambda xs: sorted(xs)[len(xs) // 2]
     print(f'\n{args.model}, global batch {args.batch}, {args.rounds} rounds: step time relative to vanilla '
-          f'(median of the per-round ratios [min, max])')
+          f'(median of the per-round ratios [min, max]); achieved TFLOP/s of student step + teacher'
+          + (f', MFU against {peak:g} TFLOP/s' if peak else ''))
     for label, _, _ in runs:
         ratios = [v / m for v, m in zip(rates['vanilla'], rates[label])]
+        tflops = sum(flops[label]) * median(rates[label]) / 1e12
         print(f'  {label:9s} {median(ratios):5.2f}x  [{min(ratios):.2f}, {max(ratios):.2f}]   '
-              f'{args.batch / median(rates[label]) * 1000:8.1f} ms/step')
+              f'{args.batch / median(rates[label]) * 1000:8.1f} ms/step  {tflops:7.3f} TFLOP/s'
+              + (f'  MFU {100 * tflops / peak:4.1f}%' if peak else ''))
 
 
 if __name__ == '__main__':

@@ -41,7 +41,6 @@ import subprocess
 import sys
 import time
 
-import torch
 import torch.distributed as dist
 
 import fid

@@ -300,12 +300,12 @@ def prepare_imagenet(args):
     stop = sit.StopFlag()  # SIGTERM / SIGUSR1 / Ctrl-C: finish the chunk at hand, exit 0; rerun to continue
     barrier = dist.barrier if dist.is_initialized() else (lambda: None)
 
-    def fail_all(msg):  # every rank reaches the same verdict; one of them says it
-        if rank == 0:
-            sit.fail(msg)
-        raise SystemExit(1)
-
     out, R, chunk = args.out, args.resolution, args.chunk_size
+    # the ranks coordinate through --out (state, progress records, arrays written in place): every node must see
+    # the same folder, and rank 0 reads the records for all of them
+    shared = '--out must be on a file system all nodes share (and --src hold the same files on every node)'
+    sit.same_view({f"'{out}'": sorted((f, sit.file_view(os.path.join(out, f))) for f in os.listdir(out))
+                   if os.path.isdir(out) else None}, shared)
     if os.path.isfile(os.path.join(out, 'dataset.json')):
         if rank == 0:
             print(f"'{out}' is already prepared (dataset.json exists); delete the folder to prepare it again")
@@ -313,18 +313,19 @@ def prepare_imagenet(args):
     vae = sit.load_vae(args.vae, device)  # before the long file check: a wrong --vae fails at once
     down, C = vae.factor, vae.latent_channels
     if R % down:
-        fail_all(f'--resolution must be a multiple of {down} (the VAE downsamples {down}x), got {R}')
+        sit.fail(f'--resolution must be a multiple of {down} (the VAE downsamples {down}x), got {R}')
     paths, labels, names = list_image_folder(args.src, args.classes, args.limit)
     rel = [os.path.relpath(p, args.src) for p in paths]
     # what a resumed run must agree on (batch size, workers and rank count may change)
     key = {'files': hashlib.sha1('\n'.join(rel).encode()).hexdigest(), 'count': len(rel), 'resolution': R,
            'chunk_size': chunk, 'vae': args.vae, 'skip_bad': args.skip_bad}
+    sit.same_view({f"the image files under '{args.src}'": f"{key['count']} files (sha1 {key['files'][:12]})"}, shared)
     state_file = os.path.join(out, 'prepare_state.json')
-    state = _read_json(state_file)
+    state = sit.decide_for_all(lambda: _read_json(state_file))
     barrier()  # everyone has read the state before rank 0 may write a new one
     if state is not None and state['key'] != key:
         changed = ', '.join(k for k in key if state['key'].get(k) != key[k])
-        fail_all(f"'{out}' holds an unfinished preparation with other files or settings ({changed}); "
+        sit.fail(f"'{out}' holds an unfinished preparation with other files or settings ({changed}); "
                  f"re-run the same command, or delete the folder to start over")
     if state is None:
         t0 = time.time()
@@ -346,10 +347,10 @@ def prepare_imagenet(args):
         bad.sort()
         if bad and not args.skip_bad:
             more = f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''
-            fail_all(f'cannot read image {bad[0][0]} ({bad[0][1]}){more}; fix or remove it, '
+            sit.fail(f'cannot read image {bad[0][0]} ({bad[0][1]}){more}; fix or remove it, '
                      f'or pass --skip-bad to leave it out')
         if len(bad) == len(paths):
-            fail_all(f'none of the {len(paths)} files could be read, e.g. {bad[0][0]} ({bad[0][1]})')
+            sit.fail(f'none of the {len(paths)} files could be read, e.g. {bad[0][0]} ({bad[0][1]})')
         bad_paths = {p for p, _ in bad}
         bad_rel = [r for p, r in zip(paths, rel) if p in bad_paths]
         if rank == 0:
@@ -371,12 +372,14 @@ def prepare_imagenet(args):
             del arrays
             sit.write_json(state_file, {'key': key, 'bad': bad_rel})  # after the arrays: its presence means they exist
         barrier()
-        state = _read_json(state_file)
+        state = sit.decide_for_all(lambda: _read_json(state_file))  # what rank 0 wrote, not a lagging copy
+        sit.same_view({f"'{os.path.join(out, f)}.npy'": sit.file_view(os.path.join(out, f'{f}.npy'))
+                       for f in ('images', 'moments', 'labels')}, shared)
     skip = set(state['bad'])
     keep = [p for p, r in zip(paths, rel) if r not in skip]
     count = len(keep)
     nchunks = math.ceil(count / chunk)
-    done = _done_chunks(out)
+    done = sit.decide_for_all(lambda: _done_chunks(out))
     barrier()  # everyone derives the same to-do list before anyone records more chunks
     todo = [c for c in range(nchunks) if c not in done]
     my_chunks = todo[rank::world]
@@ -423,7 +426,8 @@ def prepare_imagenet(args):
     if rank == 0:
         missing = nchunks - len(_done_chunks(out))
         if missing:
-            sit.fail(f'{missing} chunk(s) of {out} are not done; re-run the same command to finish them')
+            sit.fail(f'{missing} chunk(s) of {out} are not done; re-run the same command to finish them (with '
+                     f'several nodes: {shared})')
         write_meta(out, resolution=R, autoencoder=args.autoencoder or args.vae, latent_channels=C,
                    latent_size=R // down, num_classes=len(names), count=count, class_names=names, encoder=args.vae,
                    **norm)

@@ -136,8 +136,6 @@ def parse_args(argv=None):
         sit.fail(f"--protocol {args.protocol} needs {' and '.join(missing)}: the paper does not publish it "
                  f"(choose it on a 10K-sample sweep)")
     args.overrides = sorted(flag(k) for k in given if proto and proto[k] not in (UNPUBLISHED, getattr(args, k)))
-    if os.path.isdir(args.ckpt):
-        args.ckpt = sit.latest_checkpoint(args.ckpt) or sit.fail(f"no checkpoints in '{args.ckpt}/checkpoints'")
     if args.num_steps is None:
         args.num_steps = 250 if args.mode == 'sde' else 50
     if args.num_samples < 1 or args.batch_size < 1 or args.seed < 0 or args.num_steps < 1:
@@ -299,8 +297,22 @@ def sampling_protocol(args):
                 overrides=args.overrides)
 
 
+SHARED = '--ckpt and the sample folder must be on a file system all nodes share'  # every rank reads / writes them
+
+
+def newest_checkpoint(path):
+    """--ckpt RUN_FOLDER means its newest checkpoint (rank 0 decides for the whole job: see load_sampler)."""
+    if not os.path.isdir(path):
+        return path
+    return sit.latest_checkpoint(path) or sit.fail(f"no checkpoints in '{path}/checkpoints'")
+
+
 def load_sampler(args, rank, world, device):
-    """The checkpoint's model (compiled under --compile), its decoder and the output folder's name, on device."""
+    """The checkpoint's model (compiled under --compile), its decoder and the output folder's name, on device.
+    Every rank of the job calls it: rank 0 resolves a run folder to its newest checkpoint for all of them, and
+    every node must see the same file (else one line per node, not some ranks stopping while others wait)."""
+    args.ckpt = sit.decide_for_all(lambda: newest_checkpoint(args.ckpt))
+    sit.same_view({'--ckpt': f"'{args.ckpt}', {sit.file_view(args.ckpt)}"}, SHARED)
     cuda = device.type == 'cuda'
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -378,6 +390,7 @@ def sample_for_evaluation(args, rank, world, device, stop=None, write_npz=True):
     if world > 1:
         dist.broadcast_object_list(pending, src=0)
     pending = pending[0]
+    sit.same_view({f"'{folder}'": 'a folder' if os.path.isdir(folder) else None}, SHARED)  # rank 0 just made it
     log(f"{folder}: {len(pending)} of {-(-N // B)} batches of <= {B} samples to generate")
     mine = pending[rank::world]
     stop = stop or sit.StopFlag()  # SIGTERM / SIGUSR1 / Ctrl-C: finish the batch at hand (its PNGs are kept)

@@ -13,15 +13,19 @@ The convention (REPA's, used by every script in this repo):
 The original SiT repo runs time the other way (t = 0 noise, v = x - eps); see `flip_time` below.
 """
 import contextlib
+import functools
 import glob
+import hashlib
 import json
 import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
+import zipfile
 
 import numpy as np
 import torch
@@ -32,9 +36,22 @@ import torch.nn.functional as F
 # -----------------------------------------------------------------------------
 # Errors a user can fix
 
+class Deferred(SystemExit):
+    """fail() inside attempt(): the line, kept for this rank to hand to the others first (decide_for_all)."""
+
+
+_deferring = False
+
+
 def fail(msg):
     """One clear line instead of a traceback, for problems a user can fix. Under torchrun every rank usually hits
-    the same problem, so only each node's first process says it (the others exit 1 silently)."""
+    the same problem, so only each node's first process says it (the others exit 1 silently). The process group
+    is destroyed first: exiting with it alive after a collective makes about one exit in four abort with
+    `terminate called without an active exception` (its threads are still running)."""
+    if _deferring:
+        raise Deferred(msg)
+    if dist.is_initialized():
+        dist.destroy_process_group()
     if int(os.environ.get('LOCAL_RANK', 0)) != 0:
         raise SystemExit(1)
     raise SystemExit(f'error: {msg}')
@@ -383,9 +400,15 @@ def latent_norm(meta, device='cpu'):
                    statistics prepare.py computed over the dataset (k = 1, as LightningDiT)
     Datasets prepared before these forms hold latent_scale only: m = 0, s = 1, bit-identical to z * scale."""
     if 'latent_mean' in meta:
-        m, s = (torch.tensor(meta[key], device=device).view(1, -1, 1, 1) for key in ('latent_mean', 'latent_std'))
+        m, s = _channel_stats(tuple(meta['latent_mean']), tuple(meta['latent_std']), torch.device(device))
         return m, s, meta['latent_scale']                                    # (1, C, 1, 1), (1, C, 1, 1), float
     return meta.get('latent_shift', 0.0), 1.0, meta['latent_scale']
+
+
+@functools.lru_cache(maxsize=None)
+def _channel_stats(mean, std, device):
+    """Built once per device: rebuilding them per micro-batch would be two blocking host-to-device copies."""
+    return tuple(torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (mean, std))  # read only
 
 
 def sample_latents(moments, meta):
@@ -769,6 +792,98 @@ def load_teacher(name='dinov2-b', weights=None, grid=16, device='cpu', fp16=Fals
 
 
 # -----------------------------------------------------------------------------
+# Several nodes: one decision for the whole job, and every node sees the same files
+
+SHARED = 'the run folder (--out) and --data-path must be on a file system all nodes share'
+
+
+def where_am_i():
+    """'node N (rank R, host H)': torchrun's GROUP_RANK is the node's index."""
+    return f"node {os.environ.get('GROUP_RANK', '?')} (rank {get_rank()}, host {socket.gethostname()})"
+
+
+def attempt(fn, *args):
+    """(fn(*args), None), or (None, the line) where fn ends in fail(): a rank that must first tell the others."""
+    global _deferring
+    _deferring = True
+    try:
+        return fn(*args), None
+    except Deferred as e:
+        return None, e.code
+    finally:
+        _deferring = False
+
+
+def decide_for_all(fn):
+    """Rank 0 runs fn (a decision from the files it sees; a small picklable result) and every rank returns that
+    result; where fn ends in fail(), every rank stops with the same line (one per node). Ranks that each looked at
+    the file system themselves could decide differently: another node, a lagging network file system."""
+    if not dist.is_initialized():
+        return fn()
+    out = list(attempt(fn)) if get_rank() == 0 else [None, None]
+    dist.broadcast_object_list(out, src=0)
+    if out[1] is not None:
+        fail(out[1])
+    return out[0]
+
+
+def agree(problem):
+    """Every rank's verdict (None, or one line) -> the same outcome on every rank: go on, or stop with the first
+    rank's line (one per node), instead of some ranks exiting while the others wait in the next collective."""
+    if dist.is_initialized():
+        got = [None] * get_world_size()
+        dist.all_gather_object(got, problem)
+        problem = next((p for p in got if p), None)
+    if problem:
+        fail(problem)
+
+
+def file_view(path):
+    """What this node sees at path, to compare with other nodes: None, or a file's size and (under 1 MB) sha1."""
+    if not os.path.isfile(path):
+        return None
+    size = os.path.getsize(path)
+    if size >= 2 ** 20:
+        return f'{size} bytes'
+    with open(path, 'rb') as f:
+        return f'{size} bytes (sha1 {hashlib.sha1(f.read()).hexdigest()[:12]})'
+
+
+def data_view(path):
+    """A prepared dataset as this node sees it: dataset.json's bytes, the arrays' sizes."""
+    return {f"'{os.path.join(path, f)}'": file_view(os.path.join(path, f))
+            for f in ('dataset.json', 'labels.npy', 'moments.npy', 'images.npy')}
+
+
+def _describe(v):
+    if v is None:
+        return 'nothing'
+    if isinstance(v, list):  # a listing of (name, size)
+        return f'{len(v)} file(s), the last {v[-1][0]}' if v else 'no files'
+    return str(v)[:80]
+
+
+def same_view(views, fix):
+    """Several nodes coordinate through files: every rank must see what rank 0 sees. views: {label: this rank's
+    view} (file_view, a short string, a listing of (name, size), or the config dict). The first difference stops
+    every rank with one line per node, naming the node, what it sees and what rank 0 sees, and `fix`. Without a
+    process group there is nothing to compare."""
+    if not dist.is_initialized():
+        return
+    got = [None] * get_world_size()
+    dist.all_gather_object(got, (where_am_i(), views))
+    ref = got[0][1]
+    for who, view in got[1:]:
+        for label, v in view.items():
+            if v == ref.get(label):
+                continue
+            if isinstance(v, dict):
+                fail(f'{who} was started with other flags than rank 0 ({_config_diff(ref[label], v, ())}); start '
+                     f'every node with the same command')
+            fail(f'{who} sees {_describe(v)} at {label}, rank 0 sees {_describe(ref[label])}; {fix}')
+
+
+# -----------------------------------------------------------------------------
 # Training plumbing shared by every train_*.py: distributed set-up, precision, resume, checkpoints, signals,
 # config and logging. Nothing here is method-specific; the scripts keep their loop, their loss and their data.
 
@@ -779,10 +894,12 @@ def setup_distributed():
         device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
         return 0, 1, device
     cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(int(os.environ['LOCAL_RANK']))
-    dist.init_process_group('nccl' if cuda else 'gloo')
     device = torch.device('cuda', int(os.environ['LOCAL_RANK'])) if cuda else torch.device('cpu')
+    if cuda:  # device_id: NCCL connects now, and barriers know their GPU (else a warning, and a guess)
+        torch.cuda.set_device(device)
+        dist.init_process_group('nccl', device_id=device)
+    else:
+        dist.init_process_group('gloo')
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -871,7 +988,7 @@ def load_checkpoint(path):
     try:
         with warnings.catch_warnings():  # a pickle of another protocol: torch warns before it refuses in one line
             warnings.filterwarnings('ignore', message='Detected pickle protocol')
-            return torch.load(path, map_location='cpu', weights_only=True)
+            return torch.load(path, map_location='cpu', weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # not torch's message: it suggests weights_only=False, which runs arbitrary pickles
         refused = _pickle_refusal(e)
         if refused:
@@ -907,7 +1024,41 @@ def open_run(cfg, run_keys):
     --resume FILE|FOLDER continues that checkpoint (a folder: its newest); new checkpoints go to the folder it lives
     in, wherever that folder has moved. Without --resume, an --out folder that already holds a run of the same
     config continues it (what a requeued job needs: rerun the same command); another config is refused, and so is a
-    folder that is not a run folder. Keys not in run_keys change the math and must equal the checkpoint's."""
+    folder that is not a run folder. Keys not in run_keys change the math and must equal the checkpoint's.
+    Under torchrun rank 0 makes this decision for the job (run folder, checkpoint, step); every rank then checks
+    that it was started with the same flags and that its node sees the same run folder, checkpoints and dataset as
+    rank 0's, and loads exactly that checkpoint, or every rank stops with one line per node (see same_view)."""
+    ckpt = {}
+
+    def decide():
+        run_dir, ckpt['rank0'] = _decide_run(cfg, run_keys)
+        return run_dir, ckpt['rank0'] and ckpt['rank0']['path'], ckpt['rank0'] and ckpt['rank0']['step']
+    run_dir, path, step = decide_for_all(decide)
+    if get_world_size() == 1:
+        return run_dir, ckpt['rank0']
+    ckpts = os.path.join(run_dir, 'checkpoints')
+    same_view({'the command line': cfg,
+               f"'{ckpts}'": sorted((f, os.path.getsize(os.path.join(ckpts, f))) for f in os.listdir(ckpts)
+                                    if f.endswith('.pt')) if os.path.isdir(ckpts) else None,
+               f"'{os.path.join(run_dir, 'config.json')}'": file_view(os.path.join(run_dir, 'config.json')),
+               **data_view(cfg['data_path'])}, SHARED)
+    problem = None
+    if get_rank() == 0:
+        ckpt = ckpt['rank0']
+    elif path is not None:  # exactly rank 0's file, which this node sees as rank 0 does
+        ckpt, problem = attempt(load_checkpoint, path)
+        if problem is None and ckpt.get('step') != step:
+            problem = f"'{path}' holds step {ckpt.get('step')} here but step {step} on rank 0"
+        if ckpt is not None:
+            ckpt['path'] = path
+    else:
+        ckpt = None
+    agree(problem and f'{where_am_i()}: {problem}; {SHARED}')
+    return run_dir, ckpt
+
+
+def _decide_run(cfg, run_keys):
+    """open_run's decision, from the files this process sees."""
     run_dir = cfg['out'].format(**cfg)
     path = None
     if cfg['resume']:
@@ -927,6 +1078,7 @@ def open_run(cfg, run_keys):
                 diff = _config_diff(json.load(f), cfg, run_keys)
             if diff:
                 fail(f"'{run_dir}' holds a run with other settings ({diff}); pass --out NEW_FOLDER for a new run")
+    writable_or_fail(run_dir)  # before the checkpoint is mapped (mmap): a refused run holds no file open
     ckpt = None
     if path is not None:
         ckpt = load_checkpoint(path)
@@ -942,7 +1094,6 @@ def open_run(cfg, run_keys):
             fail(f"'{run_dir}' already holds a run with other settings ({diff}); continue it with its own flags "
                  f"(--resume {run_dir}), or pass --out NEW_FOLDER for a new run")
         ckpt['path'] = path
-    writable_or_fail(run_dir)
     return run_dir, ckpt
 
 
@@ -1005,7 +1156,14 @@ def restore(ckpt, model, ema, opt, device, log):
     """Weights, EMA, optimizer and this rank's RNG from a training checkpoint; returns its step."""
     model.load_state_dict(ckpt['model'])
     ema.load_state_dict(ckpt['ema'])
+    # load_state_dict copies the saved groups' implementation flags too: a checkpoint of a CPU run (fused=False)
+    # would turn a GPU run's fused AdamW off for good. They are this run's choice, not the checkpoint's.
+    impl = [{k: g[k] for k in ('fused', 'foreach', 'capturable') if k in g} for g in opt.param_groups]
     opt.load_state_dict(ckpt['opt'])
+    for group, kv in zip(opt.param_groups, impl):
+        group.update(kv)
+    for state in opt.state.values():  # CPU state would stay a view of the memory-mapped checkpoint file: copy it
+        state.update({k: v.clone() for k, v in state.items() if torch.is_tensor(v) and v.device.type == 'cpu'})
     step, rank, world = ckpt['step'], get_rank(), get_world_size()
     if len(ckpt['rng']) == world:
         set_rng_state(ckpt['rng'][rank], device)
@@ -1077,12 +1235,19 @@ class StopFlag:
     """A stop request at the next step boundary: SIGTERM (preemption), SIGUSR1 (Slurm's --signal) or a first Ctrl-C
     (SIGINT) set it; the loop then saves and exits 0. A second Ctrl-C, a second or more after the first, exits at
     once without saving (torchrun forwards the terminal's SIGINT to its workers, which then see it twice within
-    milliseconds: that counts as one). stop() is the flag agreed by all ranks through a CPU all-reduce, so every
-    rank stops at the same step (no GPU sync); stop.requested is this process's own flag (no collective)."""
+    milliseconds: that counts as one). stop.requested is this process's own flag (no collective). The ranks agree
+    through the job's own process group (no second group, so nothing else to connect across nodes): a one-element
+    tensor on the GPU under NCCL, on the CPU under gloo.
+      stop()       the agreed flag now: a blocking all-reduce (sample.py, prepare.py: once, at the end)
+      stop.poll()  the training loop's check, every step, with no host sync (see poll)"""
 
     def __init__(self):
-        self.requested, self.first_sigint = False, None
-        self.group = dist.new_group(backend='gloo') if dist.is_initialized() else None
+        self.requested, self.first_sigint, self.pending = False, None, None
+        if dist.is_initialized():
+            gpu = dist.get_backend() == 'nccl'
+            self.flag = torch.zeros(1, device=torch.cuda.current_device() if gpu else 'cpu')
+            self.host = torch.zeros(1, pin_memory=True) if gpu else self.flag
+            self.stream, self.event = (torch.cuda.Stream(), torch.cuda.Event()) if gpu else (None, None)
         for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
 
@@ -1096,10 +1261,38 @@ class StopFlag:
         self.requested = True
 
     def __call__(self):
-        flag = torch.tensor([float(self.requested)])
-        if self.group is not None:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        if not dist.is_initialized():
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=self.flag.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+    def poll(self):
+        """Call once per step on every rank; every rank gets the same answer at the same step. Each call reads the
+        all-reduce the previous call started (finished long since: a step ago) and starts the next one, so nothing
+        waits: under NCCL it runs on a side stream and lands in pinned memory, under gloo in gloo's threads. A
+        signal during step k is in the all-reduce started after step k and stops the loop after step k + 1 (at
+        worst k + 2, when it lands just after a start)."""
+        if not dist.is_initialized():
+            return self.requested
+        if self.pending is not None:
+            if self.event is not None:
+                self.event.synchronize()  # recorded a step ago: already complete, no wait
+            else:
+                self.pending.wait()
+            if self.host.item():  # pinned host memory (or a CPU tensor): no device sync
+                return True
+        if self.stream is not None:
+            with torch.cuda.stream(self.stream):  # the training stream never waits for it
+                self.flag.fill_(float(self.requested))
+                dist.all_reduce(self.flag, op=dist.ReduceOp.MAX)  # enqueued; only the side stream waits for it
+                self.host.copy_(self.flag, non_blocking=True)
+                self.event.record()
+            self.pending = True
+        else:
+            self.flag.fill_(float(self.requested))
+            self.pending = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, async_op=True)
+        return False
 
 
 def parse_config(defaults, presets, argv, doc, source):
@@ -1114,7 +1307,12 @@ def parse_config(defaults, presets, argv, doc, source):
         if s.lower() not in ('true', 'false'):
             raise argparse.ArgumentTypeError(f"expected true or false, got '{s}'")
         return s.lower() == 'true'
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):  # one line per node, as fail(), not the usage from every rank; argparse's code 2
+            if int(os.environ.get('LOCAL_RANK', 0)) == 0:
+                print(f'error: {message} (see --help)', file=sys.stderr, flush=True)
+            raise SystemExit(2)
+    p = Parser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--preset', choices=sorted(presets), help='; '.join(
         f'{name}: ' + ', '.join(f'{k}={v}' for k, v in kv.items()) for name, kv in presets.items()))
     for k, v in defaults.items():

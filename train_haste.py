@@ -183,7 +183,8 @@ def main(argv=None):
         f"images of {meta['latent_channels']}x{meta['latent_size']}x{meta['latent_size']} latents")
     net = torch.compile(model) if cfg['compile'] else model
     if world > 1:
-        net = DDP(net, device_ids=[device.index] if cuda else None)
+        # gradients as views into DDP's all-reduce buckets: no copy between them (SiT-XL/2: 2.7 GB less memory)
+        net = DDP(net, device_ids=[device.index] if cuda else None, gradient_as_bucket_view=True)
 
     def batches(step):
         """Micro-batches in an order that is a function of (seed, epoch) only, so a resumed run continues
@@ -229,7 +230,8 @@ def main(argv=None):
             if step >= cfg['tau'] and dataset.images:  # phase II from here on (also when resumed past tau)
                 dataset.images, data, attn_s = False, batches(step), ()      # read moments only; no logits
                 model.projectors.requires_grad_(False)  # unused from now on, so DDP needs no find_unused_parameters
-                net = DDP(net.module, device_ids=[device.index] if cuda else None) if world > 1 else net
+                net = DDP(net.module, device_ids=[device.index] if cuda else None,
+                           gradient_as_bucket_view=True) if world > 1 else net
                 log(f'HASTE phase II from step {step}: plain velocity matching, no teacher, projector or logits')
             if dataset.images:  # phase I: the teacher's tokens and its logits with the CLS row and column dropped
                 images, moments, y = (b.to(device, non_blocking=True) for b in next(data))
@@ -257,7 +259,7 @@ def main(argv=None):
             log.report(step)
         if rank == 0 and cfg['sample_every'] and (step % cfg['sample_every'] == 0 or step == cfg['max_steps']):
             preview(step)
-        stopping = stop()
+        stopping = stop.poll()  # agreed by all ranks; no host sync (a signal stops within two steps)
         if step % cfg['ckpt_every'] == 0 or step == cfg['max_steps'] or stopping:
             sit.save_training_state(run_dir, step, log, device, keep=cfg['keep_ckpts'], model=model, ema=ema, opt=opt,
                                     config=cfg, model_args=model_args)

@@ -128,7 +128,8 @@ def main(argv=None):
         f"images of {meta['latent_channels']}x{meta['latent_size']}x{meta['latent_size']} latents")
     net = torch.compile(model) if cfg['compile'] else model
     if world > 1:
-        net = DDP(net, device_ids=[device.index] if cuda else None)
+        # gradients as views into DDP's all-reduce buckets: no copy between them (SiT-XL/2: 2.7 GB less memory)
+        net = DDP(net, device_ids=[device.index] if cuda else None, gradient_as_bucket_view=True)
 
     def batches(step):
         """Micro-batches in an order that is a function of (seed, epoch) only, so a resumed run continues
@@ -192,7 +193,7 @@ def main(argv=None):
             log.report(step)
         if rank == 0 and cfg['sample_every'] and (step % cfg['sample_every'] == 0 or step == cfg['max_steps']):
             preview(step)
-        stopping = stop()
+        stopping = stop.poll()  # agreed by all ranks; no host sync (a signal stops within two steps)
         if step % cfg['ckpt_every'] == 0 or step == cfg['max_steps'] or stopping:
             sit.save_training_state(run_dir, step, log, device, keep=cfg['keep_ckpts'], model=model, ema=ema, opt=opt,
                                     config=cfg, model_args=model_args)
