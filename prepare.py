@@ -302,7 +302,8 @@ def prepare_toy_fd(out, seed=0):
     with open(os.path.join(out, 'fd_ref.npz.tmp'), 'wb') as f:
         np.savez(f, arr_0=ref.transpose(0, 2, 3, 1))                            # (N, R, R, 3), as fid.py reads
     os.replace(os.path.join(out, 'fd_ref.npz.tmp'), os.path.join(out, 'fd_ref.npz'))
-    _save_net(net, path, dict(width=net.shape_head.in_features // 4, classes=len(TOY_CLASSES), resolution=R, seed=seed + 1, ref_seed=seed + 2))
+    _save_net(net, path, dict(width=net.shape_head.in_features // 4, classes=len(TOY_CLASSES), resolution=R,
+                              seed=seed + 1, ref_seed=seed + 2))
     print(f'wrote the toy FD network to {path} and its reference set ({len(ref)} images) to '
           f'{os.path.join(out, "fd_ref.npz")} ({time.time() - t0:.0f} s)')
 
