@@ -9,6 +9,12 @@ at a random position, size and rotation on a dark background; deterministic from
 3x16x16 "latents". 16 px by default (--resolution 32 works too): a tiny SiT on 2 CPU cores learns recognisable
 16 px shapes in the demo's ~1000 steps, while at 32 px it is still drawing blobs.
 
+  python prepare.py toy --out data/toy --teacher --fd   # also the toy teacher and the toy FD (a few CPU minutes)
+
+--teacher trains the toy teacher that REPA, HASTE and REG's --preset toy align with (a small ViT, teacher.safetensors
++ teacher.json in OUT); --fd trains the toy FD's feature network (fd.safetensors + fd.json, for fid.py --features toy)
+and draws its held-out reference set fd_ref.npz. Each is trained once; delete its files to train it again.
+
   torchrun --nproc_per_node=8 prepare.py imagenet --src IMAGENET/train --out data/imagenet256
   python prepare.py imagenet --src IMAGENET/train --out data/in100 --classes 100 --limit 300   # a quick subset
   python prepare.py repa --src REPA_DATA_DIR --out data/imagenet256   # convert REPA's images/ + vae-sd/ folders

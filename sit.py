@@ -716,7 +716,11 @@ def load_toy_teacher(weights, grid, data_path):
              f"{grid}x{grid}; use --model SiT-*/2 on the data it was trained on, or train one for this data")
     from safetensors.torch import load_file
     vit = build_toy_vit(grid, cfg['vit'])
-    load_weights(vit, load_file(path), f"toy teacher '{path}'")
+    try:
+        sd = load_file(path)
+    except Exception as e:  # truncated, or not a safetensors file
+        fail(f"cannot read toy teacher '{path}' ({type(e).__name__}); delete it and teacher.json and make it again")
+    load_weights(vit, sd, f"toy teacher '{path}'")
     return vit
 
 
