@@ -184,7 +184,7 @@ def draw_toy_set(per_class, resolution, seed, colours='own'):
     rng = np.random.default_rng(seed)
     n = len(TOY_CLASSES)
     labels = rng.permutation(np.arange(n * per_class) % n)
-    paint = {'own': labels, 'next': (labels + 1) % n, 'random': rng.integers(0, n, len(labels))}[colours]
+    paint = rng.integers(0, n, len(labels)) if colours == 'random' else (labels + (colours == 'next')) % n
     images = np.stack([draw_toy(int(y), rng, resolution, colour=int(c)) for y, c in zip(labels, paint)])
     return (images, labels, paint) if colours == 'random' else (images, labels)
 
