@@ -7,6 +7,7 @@ token of DINOv2 ViT-L/14 at 224 px, with the position embedding DINOv2's own (to
     python fid.py SAMPLES REF [--json] [--inception-weights PATH]
     python fid.py samples_50k.npz VIRTUAL_imagenet256_labeled.npz
     python fid.py samples/ imagenet_train_pngs/ --features dinov2
+    python fid.py samples.npz data/toy/fd_ref.npz --features toy     # the toy FD (prepare.py toy --fd makes both)
 
 SAMPLES and REF are each an .npz with arr_0 = uint8 images (N, H, W, 3); an .npz with precomputed
 mu/sigma (+ mu_s/sigma_s for sFID), e.g. ADM's VIRTUAL_imagenet256_labeled.npz, which has images too
@@ -14,6 +15,11 @@ mu/sigma (+ mu_s/sigma_s for sFID), e.g. ADM's VIRTUAL_imagenet256_labeled.npz, 
 PNGs (recursive, sorted). REF's features are cached beside it as REF.<features>.stats.npz, keyed on
 its size/mtime, the feature type and the weights. The Inception weights (pytorch-fid's port of TF's
 inception-2015-12-05) are fetched by torch.hub; offline, pass --inception-weights PATH.
+
+The toy FD (--features toy) is the Frechet distance on the pooled features of ToyNet, a small CNN that
+`prepare.py toy --fd` trains to name the shape and the colour of toy images separately (an architecture, objective
+and seed of its own: it does not reward alignment with the toy teacher by construction), next to fd_ref.npz, a
+held-out toy set drawn with another seed; its weights are read from fd.safetensors beside REF (or --toy-weights).
 """
 
 import argparse
@@ -39,11 +45,12 @@ from PIL import Image
 INCEPTION_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth'
 DINOV2_MODEL = 'vit_large_patch14_dinov2.lvd142m'
 # precomputed statistics an npz may carry, per feature type, as (mean, covariance) key pairs
-STATS_KEYS = {'inception': [('mu', 'sigma'), ('mu_s', 'sigma_s')], 'dinov2': [('mu_dinov2', 'sigma_dinov2')]}
+STATS_KEYS = {'inception': [('mu', 'sigma'), ('mu_s', 'sigma_s')], 'dinov2': [('mu_dinov2', 'sigma_dinov2')],
+              'toy': [('mu_toy', 'sigma_toy')]}
 # bump a feature type's version when its pipeline changes, so its old caches are not served (per type: a
 # DINOv2 change must not throw away hours of cached Inception statistics).
 # dinov2 2: DINOv2's own position-embedding interpolation instead of timm's load-time resampling
-CACHE_VERSION = {'inception': 1, 'dinov2': 2}
+CACHE_VERSION = {'inception': 1, 'dinov2': 2, 'toy': 1}
 DINOV2_SIZE = 224  # EDM2 and dgm-eval resize every image to 224x224 for DINOv2 (16x16 patches of 14 px)
 
 # -----------------------------------------------------------------------------
@@ -285,6 +292,40 @@ def load_dinov2(model=DINOV2_MODEL, weights=None):
         net.pos_embed.copy_(pos)  # ... which we replace by DINOv2's
     return net.eval().requires_grad_(False)
 
+class ToyNet(nn.Module):
+    """The toy FD's feature network (ours): net(x), x (N, 3, R, R) in 0..255 -> pooled features (N, 4 * width).
+    Five 3x3 convolutions with GroupNorm (an image's features never depend on its batch), two of stride 2, then a
+    global mean; shape_head and colour_head are only used in training (prepare.py toy --fd)."""
+
+    def __init__(self, width=16, classes=10, resolution=16):
+        super().__init__()
+        self.resolution = resolution
+        chans = [3, width, 2 * width, 2 * width, 4 * width, 4 * width]
+        self.body = nn.Sequential(*[nn.Sequential(nn.Conv2d(a, b, 3, stride=1 + (i in (1, 3)), padding=1),
+                                                  nn.GroupNorm(8, b), nn.ReLU())
+                                    for i, (a, b) in enumerate(zip(chans, chans[1:]))])
+        self.shape_head, self.colour_head = nn.Linear(4 * width, classes), nn.Linear(4 * width, classes)
+
+    def forward(self, x):  # (N, 3, R, R) in 0..255
+        return self.body(x / 127.5 - 1).mean((2, 3))  # (N, 4 * width)
+
+def load_toy(weights):
+    """ToyNet from fd.safetensors and its config fd.json (same name), as prepare.py toy --fd writes them."""
+    config = os.path.splitext(weights)[0] + '.json'
+    if not (os.path.isfile(weights) and os.path.isfile(config)):
+        raise SystemExit(f'fid.py: toy FD network {weights} (with its .json) not found; make it with '
+                         f'`python prepare.py toy --out DATA --fd` and pass --toy-weights DATA/fd.safetensors')
+    from safetensors.torch import load_file
+    with open(config) as f:
+        cfg = json.load(f)
+    net = ToyNet(cfg['width'], cfg['classes'], cfg['resolution'])
+    sd = load_file(weights)
+    why = state_dict_mismatch(net, sd)
+    if why:
+        raise SystemExit(f'fid.py: cannot load the toy FD network from {weights}: {why}')
+    net.load_state_dict(sd)
+    return net.eval().requires_grad_(False)
+
 @contextlib.contextmanager
 def exact_fp32(device_type):
     # features in true fp32 like the reference numbers: TF32 matmuls/convs or bf16 autocast would perturb them
@@ -423,7 +464,7 @@ def load_images(path):  # all images of an input as one uint8 (N, H, W, 3) array
 @torch.no_grad()
 def compute_features(path, net, kind='inception', batch_size=64, device='cpu'):
     """Run the images at `path` through `net`. -> dict of float32 arrays:
-    inception: pool (N, 2048), spatial (N, 2023); dinov2: dinov2 (N, D)."""
+    inception: pool (N, 2048), spatial (N, 2023); dinov2: dinov2 (N, D); toy: toy (N, D)."""
     n, batches, _ = open_input(path, need_images=True)
     device = torch.device(device)
     net, out, done, t0, last = net.to(device), {}, 0, time.time(), None
@@ -433,6 +474,11 @@ def compute_features(path, net, kind='inception', batch_size=64, device='cpu'):
             if kind == 'inception':  # channels_last: ~1.5x faster convs on CPU, same numbers
                 x = inception_preprocess(x).contiguous(memory_format=torch.channels_last)  # (B, 3, 299, 299)
                 feats = dict(zip(('pool', 'spatial'), net(x)))
+            elif kind == 'toy':  # toy images as they are: no resize
+                if x.shape[-1] != net.resolution or x.shape[-2] != net.resolution:
+                    raise SystemExit(f'fid.py: {path}: images are {x.shape[-1]}x{x.shape[-2]} but the toy FD '
+                                     f'network was trained on {net.resolution}x{net.resolution} toy images')
+                feats = {'toy': net(x)}  # (B, D)
             else:
                 feats = {'dinov2': net(dinov2_preprocess(x))}  # (B, D)
             for k, v in feats.items():
@@ -547,7 +593,7 @@ def input_statistics(path, kind, get_net, batch_size=64, device='cpu', model_id=
             stats['mu'], stats['sigma'] = gaussian_stats(f['pool'])
             stats['mu_s'], stats['sigma_s'] = gaussian_stats(f['spatial'])
         else:
-            stats = dict(zip(('mu_dinov2', 'sigma_dinov2'), gaussian_stats(f['dinov2'])))
+            stats = dict(zip(STATS_KEYS[kind][0], gaussian_stats(f[kind])))  # dinov2 or toy
         if cache:
             _save_cache(cache_file, key, stats)
     dim = max(len(stats[mu]) for mu, _ in STATS_KEYS[kind])
@@ -563,11 +609,14 @@ def weights_id(weights, default):  # what the cache key knows of the weights
     return os.path.abspath(weights), os.stat(weights).st_size, os.stat(weights).st_mtime_ns
 
 def evaluate(samples, ref, features='inception', inception_weights=None, dinov2_model=DINOV2_MODEL,
-             dinov2_weights=None, batch_size=64, device=None, cache=True):
+             dinov2_weights=None, batch_size=64, device=None, cache=True, toy_weights=None):
     """All metrics of SAMPLES against REF as a dict; None where the inputs don't allow one (see notes)."""
     device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
     if features == 'inception':
         model_id, load = weights_id(inception_weights, INCEPTION_URL), lambda: load_inception(inception_weights)
+    elif features == 'toy':  # default: the network prepare.py toy --fd wrote beside its reference set
+        toy_weights = toy_weights or os.path.join(os.path.dirname(ref), 'fd.safetensors')
+        model_id, load = weights_id(toy_weights, 'toy'), lambda: load_toy(toy_weights)
     else:
         model_id, load = (dinov2_model, weights_id(dinov2_weights, 'hub')), lambda: load_dinov2(dinov2_model, dinov2_weights)
     for path in (samples, ref):  # a bad REF must fail now, not after an hour of SAMPLES' features
@@ -590,6 +639,9 @@ def evaluate(samples, ref, features='inception', inception_weights=None, dinov2_
     if features == 'dinov2':
         res['fd_dinov2'] = fd('mu_dinov2', 'sigma_dinov2', 'FD-DINOv2')
         return dict(res, notes=notes)
+    if features == 'toy':
+        res['fd_toy'] = fd('mu_toy', 'sigma_toy', 'toy FD')
+        return dict(res, notes=notes)
     res.update(fid=fd('mu', 'sigma', 'FID'), sfid=fd('mu_s', 'sigma_s', 'sFID'),
                inception_score=None, precision=None, recall=None)
     if 'pool' not in s:
@@ -610,24 +662,25 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('samples', help='generated images: .npz (arr_0 uint8 NHWC, or mu/sigma) or a folder of PNGs')
     p.add_argument('ref', help='reference images or statistics, same formats')
-    p.add_argument('--features', choices=['inception', 'dinov2'], default='inception',
-                   help='inception: FID, sFID, IS, precision, recall (ADM); dinov2: FD-DINOv2 (EDM2)')
+    p.add_argument('--features', choices=['inception', 'dinov2', 'toy'], default='inception',
+                   help='inception: FID, sFID, IS, precision, recall (ADM); dinov2: FD-DINOv2 (EDM2); toy: toy FD')
     p.add_argument('--inception-weights', metavar='PATH', help='local pt_inception-2015-12-05-6726825d.pth')
     p.add_argument('--dinov2-model', default=DINOV2_MODEL, help='timm DINOv2 model name')
     p.add_argument('--dinov2-weights', metavar='PATH', help="local weights for --dinov2-model ('random': tests only)")
+    p.add_argument('--toy-weights', metavar='PATH', help='the toy FD network (default: fd.safetensors beside REF)')
     p.add_argument('--batch-size', type=int, default=64)
     p.add_argument('--device', help='default: cuda if available, else cpu')
     p.add_argument('--no-cache', action='store_true', help="don't read or write REF.<features>.stats.npz")
     p.add_argument('--json', action='store_true', help='print one JSON object instead of text')
     a = p.parse_args(argv)
     res = evaluate(a.samples, a.ref, a.features, a.inception_weights, a.dinov2_model, a.dinov2_weights,
-                   a.batch_size, a.device, cache=not a.no_cache)
+                   a.batch_size, a.device, cache=not a.no_cache, toy_weights=a.toy_weights)
     if a.json:
         print(json.dumps(res, indent=2))
         return
     print(f"samples: {res['num_samples'] or 'statistics'}, reference: {res['num_ref'] or 'statistics'}")
     names = dict(inception_score='Inception Score', fid='FID', sfid='sFID', precision='Precision',
-                 recall='Recall', fd_dinov2='FD-DINOv2')
+                 recall='Recall', fd_dinov2='FD-DINOv2', fd_toy='toy FD')
     for key, name in names.items():
         if key in res:
             print(f'{name}: ' + ('n/a' if res[key] is None else f'{res[key]:.4f}'))

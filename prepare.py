@@ -9,6 +9,12 @@ at a random position, size and rotation on a dark background; deterministic from
 3x16x16 "latents". 16 px by default (--resolution 32 works too): a tiny SiT on 2 CPU cores learns recognisable
 16 px shapes in the demo's ~1000 steps, while at 32 px it is still drawing blobs.
 
+  python prepare.py toy --out data/toy --teacher --fd   # also the toy teacher and the toy FD (a few CPU minutes)
+
+--teacher trains the toy teacher that REPA, HASTE and REG's --preset toy align with (a small ViT, teacher.safetensors
++ teacher.json in OUT); --fd trains the toy FD's feature network (fd.safetensors + fd.json, for fid.py --features toy)
+and draws its held-out reference set fd_ref.npz. Each is trained once; delete its files to train it again.
+
   torchrun --nproc_per_node=8 prepare.py imagenet --src IMAGENET/train --out data/imagenet256
   python prepare.py imagenet --src IMAGENET/train --out data/in100 --classes 100 --limit 300   # a quick subset
   python prepare.py repa --src REPA_DATA_DIR --out data/imagenet256   # convert REPA's images/ + vae-sd/ folders
@@ -53,6 +59,7 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 import sit
 
@@ -100,10 +107,12 @@ def _rotated(pts, angle, center):
     return [(center[0] + c * x - s * y, center[1] + s * x + c * y) for x, y in pts]
 
 
-def draw_toy(label, rng, resolution=16, supersample=4):
-    """One toy image, uint8 (3, R, R). Drawn 4x larger and downsampled for smooth edges."""
+def draw_toy(label, rng, resolution=16, supersample=4, colour=None):
+    """One toy image, uint8 (3, R, R): the shape of class `label`, in the colour of class `colour` (default: its
+    own). Drawn 4x larger and downsampled for smooth edges."""
     from PIL import Image, ImageDraw
-    shape, _, colour = TOY_CLASSES[label]
+    shape = TOY_CLASSES[label][0]
+    colour = TOY_CLASSES[label if colour is None else colour][2]
     size = resolution * supersample
     bg = tuple(int(v) for v in rng.integers(10, 45, size=3))
     img = Image.new('RGB', (size, size), bg)
@@ -166,6 +175,143 @@ def prepare_toy(out, per_class=500, resolution=16, seed=0):
                latent_size=resolution, num_classes=num_classes, count=count,
                class_names=[f'{c} {s}' for s, c, _ in TOY_CLASSES], toy=toy)
     print(f'wrote {count} toy images ({num_classes} classes, {resolution}px) to {out}')
+
+
+def draw_toy_set(per_class, resolution, seed, colours='own'):
+    """A toy set in memory: uint8 images (N, 3, R, R), labels (N,) (the shape's class). colours: 'own' (the
+    toy set's classes), 'random' (any shape in any class colour; colour labels (N,) returned too) or 'next'
+    (class y's shape in class y+1's colour, a set of wrong pairs)."""
+    rng = np.random.default_rng(seed)
+    n = len(TOY_CLASSES)
+    labels = rng.permutation(np.arange(n * per_class) % n)
+    paint = rng.integers(0, n, len(labels)) if colours == 'random' else (labels + (colours == 'next')) % n
+    images = np.stack([draw_toy(int(y), rng, resolution, colour=int(c)) for y, c in zip(labels, paint)])
+    return (images, labels, paint) if colours == 'random' else (images, labels)
+
+
+def _save_net(net, path, config):
+    """Weights as safetensors, then the config json beside them (its presence marks a finished file)."""
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path + '.tmp')
+    os.replace(path + '.tmp', path)
+    sit.write_json(os.path.splitext(path)[0] + '.json', config)
+
+
+def swap_colours(x, g):
+    """Each image's RGB channels in a random order: uint8 (N, 3, H, W) -> the same shapes in other colours."""
+    perm = torch.stack([torch.randperm(3, generator=g) for _ in range(len(x))])  # (N, 3)
+    return torch.gather(x, 1, perm[:, :, None, None].expand_as(x))
+
+
+def train_toy_teacher(images, labels, grid, seed=0, epochs=6, batch_size=128, lr=1e-3, log=print):
+    """The toy teacher: a timm ViT (sit.TOY_TEACHER) trained on the toy images, deterministic from `seed`.
+    Objective: supervised, on the labels. Labels are what the toy set has (self-supervised objectives such as
+    DINOv2's need far longer than the CPU minutes this has), but a toy label is readable from the colour alone,
+    which would teach a colour detector. So half the images have their RGB channels swapped (a red circle turns
+    green or blue, still a circle): the class must be read from the shape. And the mean of the patch tokens is
+    classified by the same head as the class token, so each patch token carries what object it belongs to:
+    the patch tokens are what REPA aligns with (a class-token loss alone leaves them close to a random ViT's)."""
+    torch.manual_seed(seed)
+    vit = sit.build_toy_vit(grid)
+    teacher = sit.Teacher(vit, grid)  # its preprocessing: what the training scripts will feed the teacher
+    head = torch.nn.Linear(vit.embed_dim, len(TOY_CLASSES))
+    params = list(vit.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
+    g = torch.Generator().manual_seed(seed)
+    x_all, y_all = torch.from_numpy(np.asarray(images)), torch.from_numpy(np.asarray(labels))
+    per_epoch = len(x_all) // batch_size
+    total, step, t0 = epochs * per_epoch, 0, time.time()
+    vit.train()
+    for epoch in range(epochs):
+        order = torch.randperm(len(x_all), generator=g)
+        for i in range(per_epoch):
+            idx = order[i * batch_size:(i + 1) * batch_size]
+            x, y = x_all[idx], y_all[idx]                                       # (B, 3, R, R) uint8, (B,)
+            swap = torch.rand(len(x), generator=g) < 0.5
+            x = torch.where(swap[:, None, None, None], swap_colours(x, g), x)
+            flip = torch.rand(len(x), generator=g) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)           # mirror images are the same shapes
+            for group in opt.param_groups:  # 50 warm-up steps, then cosine to 0
+                group['lr'] = lr * min(1, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / total))
+            tokens = vit.forward_features(teacher.preprocess(x))                # (B, 1 + T, D) final norm
+            loss = (F.cross_entropy(head(tokens[:, 0]), y) + F.cross_entropy(head(tokens[:, 1:].mean(1)), y))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+        rate = step * batch_size / (time.time() - t0)
+        log(f'toy teacher: epoch {epoch + 1}/{epochs}  loss {loss.item():.3f}  {rate:.0f} img/s  '
+            f'ETA {sit.format_time((total - step) * batch_size / rate)}')
+    return vit.eval()
+
+
+def train_toy_fd(seed=1, resolution=16, per_class=1000, epochs=4, batch_size=128, lr=2e-3, log=print):
+    """The toy FD's feature network (fid.ToyNet): trained apart from the teacher (a CNN, another objective and
+    seed) so that the metric does not reward alignment with the teacher by construction. On toy images of any
+    shape in any class colour, drawn with its own seed, it names the shape and the colour with two heads: the
+    toy set's labels would let it read the class off the colour and miss a wrong shape."""
+    import fid
+    images, shapes, colours = draw_toy_set(per_class, resolution, seed, colours='random')
+    torch.manual_seed(seed)
+    net = fid.ToyNet(resolution=resolution)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.05)
+    g = torch.Generator().manual_seed(seed)
+    x_all, s_all, c_all = (torch.from_numpy(a) for a in (images, shapes, colours))
+    per_epoch = len(x_all) // batch_size
+    total, step, t0 = epochs * per_epoch, 0, time.time()
+    for epoch in range(epochs):
+        order = torch.randperm(len(x_all), generator=g)
+        for i in range(per_epoch):
+            idx = order[i * batch_size:(i + 1) * batch_size]
+            for group in opt.param_groups:
+                group['lr'] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            f = net(x_all[idx].float())                                         # (B, D)
+            loss = F.cross_entropy(net.shape_head(f), s_all[idx]) + F.cross_entropy(net.colour_head(f), c_all[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+        rate = step * batch_size / (time.time() - t0)
+        log(f'toy FD network: epoch {epoch + 1}/{epochs}  loss {loss.item():.3f}  {rate:.0f} img/s  '
+            f'ETA {sit.format_time((total - step) * batch_size / rate)}')
+    return net.eval()
+
+
+def prepare_toy_teacher(out, seed=0, **train):
+    """OUT/teacher.safetensors + teacher.json, trained on OUT's toy images (SiT-*/2's token grid). train: overrides
+    of train_toy_teacher's schedule (tests train a few steps)."""
+    path = os.path.join(out, 'teacher.safetensors')
+    if os.path.isfile(os.path.join(out, 'teacher.json')):
+        print(f"'{path}' exists; delete it (and teacher.json) to train the toy teacher again")
+        return
+    meta = _read_json(os.path.join(out, 'dataset.json'))
+    grid = meta['resolution'] // 2
+    t0, cpu0 = time.time(), time.process_time()
+    vit = train_toy_teacher(np.load(os.path.join(out, 'images.npy')), np.load(os.path.join(out, 'labels.npy')),
+                            grid, seed, **train)
+    _save_net(vit, path, dict(vit=sit.TOY_TEACHER, grid=grid, resolution=meta['resolution'], seed=seed,
+                              objective='supervised: class token and mean patch token, half the images colour-swapped'))
+    print(f'wrote the toy teacher to {path} ({time.time() - t0:.0f} s, {time.process_time() - cpu0:.0f} s CPU)')
+
+
+def prepare_toy_fd(out, seed=0):
+    """OUT/fd.safetensors + fd.json (fid.ToyNet) and OUT/fd_ref.npz, the held-out reference set of the toy FD."""
+    path = os.path.join(out, 'fd.safetensors')
+    if os.path.isfile(os.path.join(out, 'fd.json')):
+        print(f"'{path}' exists; delete it (and fd.json, fd_ref.npz) to train the toy FD network again")
+        return
+    R = _read_json(os.path.join(out, 'dataset.json'))['resolution']
+    t0 = time.time()
+    # seeds: the toy set draws with `seed`, the FD network with seed + 1, its reference set with seed + 2
+    net = train_toy_fd(seed + 1, R)
+    ref, _ = draw_toy_set(1000, R, seed + 2)
+    with open(os.path.join(out, 'fd_ref.npz.tmp'), 'wb') as f:
+        np.savez(f, arr_0=ref.transpose(0, 2, 3, 1))                            # (N, R, R, 3), as fid.py reads
+    os.replace(os.path.join(out, 'fd_ref.npz.tmp'), os.path.join(out, 'fd_ref.npz'))
+    _save_net(net, path, dict(width=net.shape_head.in_features // 4, classes=len(TOY_CLASSES), resolution=R,
+                              seed=seed + 1, ref_seed=seed + 2))
+    print(f'wrote the toy FD network to {path} and its reference set ({len(ref)} images) to '
+          f'{os.path.join(out, "fd_ref.npz")} ({time.time() - t0:.0f} s)')
 
 
 # -----------------------------------------------------------------------------
@@ -511,6 +657,8 @@ def main(argv=None):
     t.add_argument('--per-class', type=int, default=500, help='images per class (10 classes)')
     t.add_argument('--resolution', type=int, default=16)
     t.add_argument('--seed', type=int, default=0)
+    t.add_argument('--teacher', action='store_true', help='also train the toy teacher (OUT/teacher.safetensors)')
+    t.add_argument('--fd', action='store_true', help='also train the toy FD network and draw its reference set')
     i = sub.add_parser('imagenet', help='an ImageFolder (ImageNet train/) -> images + VAE moments; torchrun-able')
     i.add_argument('--src', required=True, help='folder with one sub-folder of images per class')
     i.add_argument('--out', default='data/imagenet256')
@@ -535,6 +683,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.source == 'toy':
         prepare_toy(args.out, args.per_class, args.resolution, args.seed)
+        if args.teacher:
+            prepare_toy_teacher(args.out, args.seed)
+        if args.fd:
+            prepare_toy_fd(args.out, args.seed)
     elif args.source == 'imagenet':
         prepare_imagenet(args)
     else:

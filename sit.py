@@ -699,7 +699,8 @@ DINOV2 = {
 
 
 class Teacher(nn.Module):
-    """Wraps a timm DINOv2 ViT: raw 0..255 images in, final-norm tokens (and optional attention logits) out."""
+    """Wraps a timm ViT (DINOv2, or the toy teacher): raw 0..255 images in, final-norm tokens (and optional attention
+    logits) out."""
 
     def __init__(self, vit, grid, fp16=False):
         super().__init__()
@@ -760,20 +761,64 @@ class Teacher(nn.Module):
         return out
 
 
-def load_teacher(name='dinov2-b', weights=None, grid=16, device='cpu', fp16=False):
-    """weights: None -> timm hub download, PATH -> local checkpoint, 'random' -> random init (mechanics only).
+def _warn_random(what):
+    print(f"\n{'!' * 78}\n!! WARNING: {what} has RANDOM weights. Aligning to a random teacher"
+          f"\n!! is a mechanics check only; it will NOT speed up training.\n{'!' * 78}\n",
+          file=sys.stderr, flush=True)
+
+
+# The toy teacher: a small timm ViT that `prepare.py toy --teacher` trains on the toy set and saves beside it as
+# teacher.safetensors + teacher.json. 14 px patches on 14 * grid px like DINOv2, so Teacher (preprocessing, tokens,
+# logit hook) runs it exactly as it runs DINOv2; 4 heads, as SiT-T, so HASTE pairs every student head with one.
+TOY_TEACHER = dict(embed_dim=128, depth=4, num_heads=4)
+
+
+def build_toy_vit(grid, arch=None):
+    from timm.models.vision_transformer import VisionTransformer
+    return VisionTransformer(img_size=14 * grid, patch_size=14, num_classes=0, **(arch or TOY_TEACHER))
+
+
+def load_toy_teacher(weights, grid, data_path):
+    """weights: None -> DATA_PATH/teacher.safetensors, PATH -> that file (its config is PATH with .json), 'random'."""
+    if weights == 'random':
+        _warn_random('the toy teacher')
+        return build_toy_vit(grid)
+    folder = data_path or 'data/toy'
+    path = weights or os.path.join(folder, 'teacher.safetensors')
+    config = os.path.splitext(path)[0] + '.json'
+    if not (os.path.isfile(path) and os.path.isfile(config)):
+        fail(f"toy teacher '{path}' (with its .json) not found; make it with `python prepare.py toy --out "
+             f"{os.path.dirname(path) or '.'} --teacher`, or pass --enc-ckpt random for a random one")
+    with open(config) as f:
+        cfg = json.load(f)
+    if cfg['grid'] != grid:
+        fail(f"toy teacher '{path}' was trained for a {cfg['grid']}x{cfg['grid']} token grid but the model has "
+             f"{grid}x{grid}; use --model SiT-*/2 on the data it was trained on, or train one for this data")
+    from safetensors.torch import load_file
+    vit = build_toy_vit(grid, cfg['vit'])
+    try:
+        sd = load_file(path)
+    except Exception as e:  # truncated, or not a safetensors file
+        fail(f"cannot read toy teacher '{path}' ({type(e).__name__}); delete it and teacher.json and make it again")
+    load_weights(vit, sd, f"toy teacher '{path}'")
+    return vit
+
+
+def load_teacher(name='dinov2-b', weights=None, grid=16, device='cpu', fp16=False, data_path=None):
+    """weights: None -> timm hub download (the toy teacher: DATA_PATH/teacher.safetensors), PATH -> local
+    checkpoint, 'random' -> random init (mechanics only).
     fp16: run the forward under fp16 autocast (the training scripts do when they train in mixed precision)."""
+    if name == 'toy':
+        return Teacher(load_toy_teacher(weights, grid, data_path), grid, fp16).to(device).eval().requires_grad_(False)
     if name not in DINOV2:
-        fail(f"unknown teacher {name!r}; valid names: {', '.join(DINOV2)}")
+        fail(f"unknown teacher {name!r}; valid names: {', '.join(DINOV2)}, toy")
     import timm
     arch = DINOV2[name]
     # 14 px of teacher input per SiT token: SiT-*/2 on 32x32 latents has a 16x16 grid -> 224 px, so the
     # teacher's patch tokens line up one-to-one with SiT's tokens (timm resamples the 37x37 pos-embed)
     kw = dict(img_size=14 * grid, num_classes=0)
     if weights == 'random':
-        print(f"\n{'!' * 78}\n!! WARNING: DINOv2 teacher {arch} has RANDOM weights. Aligning to a random teacher"
-              f"\n!! is a mechanics check only; it will NOT speed up training.\n{'!' * 78}\n",
-              file=sys.stderr, flush=True)
+        _warn_random(f'DINOv2 teacher {arch}')
         vit = timm.create_model(arch, pretrained=False, **kw)
     elif weights is not None:
         if not os.path.isfile(weights):

@@ -6,7 +6,7 @@ train_repa.py). Sampling draws the token as noise and integrates it jointly (sit
 
   torchrun --nproc_per_node=8 train_reg.py --data-path data/imagenet256          # SiT-XL/2, 4M steps in the paper
   torchrun --nproc_per_node=8 train_reg.py --model SiT-B/2 --encoder-depth 4     # SiT-B/2
-  torchrun --nproc_per_node=2 train_reg.py --preset toy                          # CPU mechanics check (random teacher)
+  torchrun --nproc_per_node=2 train_reg.py --preset toy                          # CPU, the trained toy teacher
   ... --resume runs/reg                                                          # continue exactly
 
 Paper numbers (ImageNet 256, 50K samples, SDE 250 steps), no CFG: SiT-B/2 400K 15.2, SiT-L/2 400K 4.6, SiT-XL/2 400K
@@ -62,16 +62,16 @@ RUN_KEYS = {'data_path', 'out', 'resume', 'grad_accum', 'max_steps', 'log_every'
 # >>> method: config
 config.update(
     method='reg',
-    enc='dinov2-b',                # teacher: DINOv2 ViT-B/14 as the paper; 'dinov2-s', '-l', '-g' by name
-    enc_ckpt='',                   # teacher weights: '' = download from the hub, a local file, or 'random'
+    enc='dinov2-b',                # teacher: DINOv2 ViT-B/14 as the paper; 'dinov2-s', '-l', '-g'; 'toy'
+    enc_ckpt='',                   # teacher weights: '' = the hub (toy: in --data-path), a local file, or 'random'
     encoder_depth=8,               # align the tokens after this block (1-based): 8 for SiT-L/XL, 4 for SiT-B
     projector_dim=2048,            # projector MLP D -> 2048 -> 2048 -> teacher width, SiLU between
     proj_coeff=0.5,                # L = L_v + proj_coeff * L_proj + cls_coeff * L_cls
     cls_coeff=0.03,                # weight of the class token's velocity loss
 )
-# toy: ViT-S/14 is the smallest DINOv2 and still costs several SiT-T steps per batch on a CPU; random weights,
-# since the toy set is a mechanics check (a random teacher cannot speed anything up); a projector sized to SiT-T
-presets['toy'].update(enc='dinov2-s', enc_ckpt='random', encoder_depth=2, projector_dim=256)
+# toy: the toy teacher, a 4-block ViT trained on the toy set and saved beside it (prepare.py toy --teacher; a
+# random DINOv2 cannot speed anything up, --enc dinov2-s --enc-ckpt random still runs one); a projector for SiT-T
+presets['toy'].update(enc='toy', enc_ckpt='', encoder_depth=2, projector_dim=256)
 RUN_KEYS.add('enc_ckpt')
 # <<< method
 
@@ -132,7 +132,8 @@ def main(argv=None):
     # >>> method: model
     # the teacher sees 14 px per SiT token (a 16x16 token grid -> 224 px), so its patch tokens line up one-to-one
     grid = meta['latent_size'] // int(cfg['model'].split('/')[1])
-    teacher = sit.load_teacher(cfg['enc'], cfg['enc_ckpt'] or None, grid=grid, device=device, fp16=bf16)
+    teacher = sit.load_teacher(cfg['enc'], cfg['enc_ckpt'] or None, grid=grid, device=device, fp16=bf16,
+                               data_path=cfg['data_path'])
     model_args.update(z_dims=[teacher.dim], projector_dim=cfg['projector_dim'], encoder_depth=cfg['encoder_depth'],
                       cls_dim=teacher.dim)  # the class-token path; a sampling model needs no projector, only this
     # <<< method

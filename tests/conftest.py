@@ -13,10 +13,12 @@ sys.path.insert(0, ROOT)
 
 @pytest.fixture(scope='session')
 def toy(tmp_path_factory):
-    """The toy set at 16 px, 12 images per class (120 images): a few steps of any training script."""
+    """The toy set at 16 px, 12 images per class (120 images), with a toy teacher trained for 3 steps: a few steps of
+    any training script."""
     import prepare
     path = tmp_path_factory.mktemp('data') / 'toy'
     prepare.prepare_toy(str(path), per_class=12, resolution=16, seed=0)
+    prepare.prepare_toy_teacher(str(path), seed=0, epochs=1, batch_size=40)  # 3 steps: what --preset toy loads
     return str(path)
 
 

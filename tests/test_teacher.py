@@ -78,10 +78,15 @@ def test_tokens_match_timm(teacher, images):
 
 
 def test_attention_logits(teacher, images):
-    chosen = (7, 2)
+    check_attention_logits(teacher, images, (7, 2))
+
+
+def check_attention_logits(teacher, images, chosen):
+    """The logits of the chosen blocks are q k^T / sqrt(d) built by hand, and their softmax is timm's attention."""
     out = teacher(images, attn_blocks=chosen)
-    assert len(out['attn']) == 2
+    assert len(out['attn']) == len(chosen)
     got = dict(zip(chosen, out['attn']))
+    T = teacher.grid * teacher.grid
     vit = teacher.vit
     # reference: walk timm's blocks by hand and build q k^T / sqrt(d) from the raw qkv weight matrix
     x = vit.norm_pre(vit._pos_embed(vit.patch_embed(teacher.preprocess(images))))
@@ -94,7 +99,7 @@ def test_attention_logits(teacher, images):
             qkv = h @ a.qkv.weight.T + a.qkv.bias                 # (N, L, 3D) laid out [q | k | v], heads inside
             q, k, v = (t.view(N, L, H, d).transpose(1, 2) for t in qkv.split(D, dim=-1))
             ref = q @ k.transpose(-2, -1) / math.sqrt(d)          # (N, H, L, L)
-            assert got[i].shape == (2, 6, 1 + GRID * GRID, 1 + GRID * GRID)
+            assert got[i].shape == (len(images), H, 1 + T, 1 + T)
             torch.testing.assert_close(got[i], ref, atol=1e-5, rtol=1e-4)
             # softmax of the returned logits must be the attention timm really uses (a wrong scale fails here)
             o = (got[i].softmax(-1) @ v).transpose(1, 2).reshape(N, L, D)
