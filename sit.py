@@ -696,6 +696,7 @@ DINOV2 = {
     'dinov2-l': 'vit_large_patch14_dinov2.lvd142m',
     'dinov2-g': 'vit_giant_patch14_dinov2.lvd142m',
 }
+DINOV2_DEPTH = {'dinov2-s': 12, 'dinov2-b': 12, 'dinov2-l': 24, 'dinov2-g': 40}  # blocks, known before any download
 
 
 class Teacher(nn.Module):
@@ -778,19 +779,33 @@ def build_toy_vit(grid, arch=None):
     return VisionTransformer(img_size=14 * grid, patch_size=14, num_classes=0, **(arch or TOY_TEACHER))
 
 
-def load_toy_teacher(weights, grid, data_path):
-    """weights: None -> DATA_PATH/teacher.safetensors, PATH -> that file (its config is PATH with .json), 'random'."""
-    if weights == 'random':
-        _warn_random('the toy teacher')
-        return build_toy_vit(grid)
-    folder = data_path or 'data/toy'
-    path = weights or os.path.join(folder, 'teacher.safetensors')
+def toy_teacher_config(weights, data_path):
+    """-> (weights file, its config): weights None -> DATA_PATH/teacher.safetensors, PATH -> that file (its
+    config is PATH with .json). Reads only the small .json, so flags can be checked before anything is built."""
+    path = weights or os.path.join(data_path or 'data/toy', 'teacher.safetensors')
     config = os.path.splitext(path)[0] + '.json'
     if not (os.path.isfile(path) and os.path.isfile(config)):
         fail(f"toy teacher '{path}' (with its .json) not found; make it with `python prepare.py toy --out "
              f"{os.path.dirname(path) or '.'} --teacher`, or pass --enc-ckpt random for a random one")
     with open(config) as f:
-        cfg = json.load(f)
+        return path, json.load(f)
+
+
+def teacher_depth(name, weights=None, data_path=None):
+    """Blocks of the teacher load_teacher would build, without building or fetching it (flag checks first)."""
+    if name == 'toy':
+        return TOY_TEACHER['depth'] if weights == 'random' else toy_teacher_config(weights, data_path)[1]['vit']['depth']
+    if name not in DINOV2:
+        fail(f"--enc {name!r}: unknown teacher; valid names: {', '.join(DINOV2)}, toy")
+    return DINOV2_DEPTH[name]
+
+
+def load_toy_teacher(weights, grid, data_path):
+    """weights: None -> DATA_PATH/teacher.safetensors, PATH -> that file (its config is PATH with .json), 'random'."""
+    if weights == 'random':
+        _warn_random('the toy teacher')
+        return build_toy_vit(grid)
+    path, cfg = toy_teacher_config(weights, data_path)
     if cfg['grid'] != grid:
         fail(f"toy teacher '{path}' was trained for a {cfg['grid']}x{cfg['grid']} token grid but the model has "
              f"{grid}x{grid}; use --model SiT-*/2 on the data it was trained on, or train one for this data")
@@ -811,7 +826,7 @@ def load_teacher(name='dinov2-b', weights=None, grid=16, device='cpu', fp16=Fals
     if name == 'toy':
         return Teacher(load_toy_teacher(weights, grid, data_path), grid, fp16).to(device).eval().requires_grad_(False)
     if name not in DINOV2:
-        fail(f"unknown teacher {name!r}; valid names: {', '.join(DINOV2)}, toy")
+        fail(f"--enc {name!r}: unknown teacher; valid names: {', '.join(DINOV2)}, toy")
     import timm
     arch = DINOV2[name]
     # 14 px of teacher input per SiT token: SiT-*/2 on 32x32 latents has a 16x16 grid -> 224 px, so the

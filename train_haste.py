@@ -75,8 +75,6 @@ config.update(
 presets['toy'].update(enc='toy', enc_ckpt='', encoder_depth=2, projector_dim=256)
 presets['toy'].update(attn_student='2,3', attn_teacher='2,3', tau=500)  # SiT-T 2-3 of 6, teacher 2-3 of 4; tau: mid-run
 RUN_KEYS.add('enc_ckpt')
-# blocks of each teacher (timm's DINOv2 ViT-S/B/L/G), so --attn-teacher is checked before the teacher is built
-TEACHER_DEPTH = {'dinov2-s': 12, 'dinov2-b': 12, 'dinov2-l': 24, 'dinov2-g': 40}
 # <<< method
 
 # -----------------------------------------------------------------------------
@@ -131,15 +129,14 @@ def main(argv=None):
     # data
     # >>> method: data
     # every flag is checked before a teacher is built or fetched (DINOv2-g is 1.1B parameters)
-    if cfg['enc'] not in TEACHER_DEPTH:
-        sit.fail(f"--enc {cfg['enc']!r}: unknown teacher; choose one of {', '.join(TEACHER_DEPTH)}")
+    teacher_depth = sit.teacher_depth(cfg['enc'], cfg['enc_ckpt'] or None, cfg['data_path'])  # no weights yet
     if cfg['tau'] < 0:
         sit.fail(f"--tau {cfg['tau']}: the step at which alignment ends must be >= 0 (the paper's is 250000)")
     depth = sit.model_depth(cfg['model'])
     if not 1 <= cfg['encoder_depth'] <= depth:
         sit.fail(f"--encoder-depth {cfg['encoder_depth']} is outside {cfg['model']}'s blocks 1..{depth}")
     attn_s = sit.parse_blocks(cfg['attn_student'], depth, '--attn-student')
-    attn_t = sit.parse_blocks(cfg['attn_teacher'], TEACHER_DEPTH[cfg['enc']], '--attn-teacher', len(attn_s))
+    attn_t = sit.parse_blocks(cfg['attn_teacher'], teacher_depth, '--attn-teacher', len(attn_s))
     if cfg['tau'] == 0 and rank == 0:
         print("warning: --tau 0 ends HASTE's alignment before its first step: no projection or attention loss at "
               "all, so this trains plain SiT (train_vanilla.py's loss); pass --tau > 0 to align", flush=True)

@@ -135,13 +135,14 @@ def test_tau_zero_is_announced_before_the_teacher(toy, tmp_path, monkeypatch, ca
 
 
 def test_teacher_depths_are_timms():
-    """TEACHER_DEPTH (what --attn-teacher is checked against) is the block count of each DINOv2 timm builds
-    (on the meta device: no weights, no memory)."""
+    """sit.teacher_depth (what --attn-teacher is checked against) is the block count of each DINOv2 timm builds
+    (on the meta device: no weights, no memory) and of the toy teacher."""
     timm = pytest.importorskip('timm')
-    assert set(train_haste.TEACHER_DEPTH) == set(sit.DINOV2)
+    assert set(sit.DINOV2_DEPTH) == set(sit.DINOV2)
     for name, arch in sit.DINOV2.items():
         with torch.device('meta'):
-            assert len(timm.create_model(arch, pretrained=False, num_classes=0).blocks) == train_haste.TEACHER_DEPTH[name]
+            assert len(timm.create_model(arch, pretrained=False, num_classes=0).blocks) == sit.teacher_depth(name)
+    assert sit.teacher_depth('toy', 'random') == len(sit.build_toy_vit(8).blocks)
 
 
 def test_two_ranks_cross_tau(toy, tmp_path):
