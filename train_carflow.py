@@ -1,16 +1,19 @@
 # >>> method: what this script trains
 """
-train_carflow.py: CAR-Flow (arXiv 2509.19300) = velocity matching between class-shifted noise and data:
-z_noise = eps + mu0(y), z_data = x + mu1(y), with small shift networks trained by the same loss (a diff of
-train_vanilla.py; there is no official code, so the README lists our choices).
+train_carflow.py: CAR-Flow (arXiv 2509.19300) = SiT between class-shifted noise and data (there is no official code).
+
+  L = mean over (C, H, W) of (model(z_t, t, y) - (eps + mu0(y) - x - mu1(y)))^2,  z_t = (1 - t)(x + mu1) + t(eps + mu0)
+  mu0, mu1: small conv nets of the label (sit.ShiftNet) trained by the same loss; shifts only (a scale collapses)
+
+Defaults (the paper's): SiT-XL/2, global batch 256, AdamW lr 1e-4 constant, grad clip 1.0, EMA 0.9999, 400K steps,
+label dropout 0.1 (for CFG); latents drawn each step from the VAE moments prepare.py stored. --help: every flag.
+CAR-Flow's: --shifts joint (or source, target); the shift nets' last conv is zero, so step 0 is vanilla's.
+Paper (ImageNet 256, FID-50K, SiT's Heun SDE at 250 evaluations: --protocol carflow; its CFG scale is unpublished):
+SiT-XL/2 with CFG 2.07 (vanilla) -> 1.68 (joint shifts). Our choices where the paper is silent: docs/methods.md.
 
   torchrun --nproc_per_node=8 train_carflow.py --data-path data/imagenet256      # SiT-XL/2, joint shifts
   torchrun --nproc_per_node=2 train_carflow.py --preset toy                      # CPU demo on the toy set
-  ... --shifts source | target                                                   # the paper's other variants
-  ... --resume runs/carflow                                                      # continue exactly
-
-Paper numbers (SiT-XL/2, ImageNet 256, with CFG): FID 2.07 (vanilla) -> 1.68 (joint shifts).
-
+  ... --resume RUN_FOLDER                            # continue exactly; python instead of torchrun: one process
 """
 # <<< method
 # Everything that differs between methods sits between `# >>> method` and `# <<< method`; the rest of this file is

@@ -1,14 +1,22 @@
 # >>> method: what this script trains
 """
-train_haste.py: HASTE (Wang et al., arXiv 2505.16792) = REPA + aligning SiT's attention logits with DINOv2's, both
-ended for good at step tau, after which a step costs what vanilla's does (a diff of train_repa.py).
+train_haste.py: HASTE (Wang et al. 2025, arXiv 2505.16792) = REPA + attention alignment, both ended at step tau.
+
+  L_v = mean over (C, H, W) of (model(x_t, t, y) - (eps - x))^2,  x_t = (1 - t) x + t eps,  t ~ U(0, 1), 0 = data
+  L = L_v + proj_coeff * L_proj,  L_proj = mean over tokens of -cos(projector(h), the teacher's patch tokens)
+  + attn_coeff * L_attn while step < tau; from tau on L = L_v, without teacher, projector or image reads (vanilla's
+  cost); L_attn = cross-entropy of SiT's attention over the patch tokens against the teacher's (attention_loss)
+
+Defaults (the paper's): SiT-XL/2, global batch 256, AdamW lr 1e-4 constant, grad clip 1.0, EMA 0.9999, 400K steps,
+label dropout 0.1 (for CFG); latents drawn each step from the VAE moments prepare.py stored. --help: every flag.
+REPA's: h = SiT's tokens after block encoder_depth 8 (4 for SiT-B), projector D -> 2048 -> 2048 -> 768, proj_coeff
+0.5; teacher DINOv2-B/14 (timm; --enc-ckpt PATH offline), frozen, on the clean image at 14 px per SiT token.
+HASTE's: SiT blocks 4-7 (0-based; first 12 heads) against DINOv2 blocks 8-11, attn_coeff 0.5, tau 250K (50 epochs).
+Paper: SiT-XL/2 reaches vanilla's 7M-step FID in 50 epochs, REPA's best in 500 (2.5M steps; --protocol haste).
 
   torchrun --nproc_per_node=8 train_haste.py --data-path data/imagenet256 --max-steps 2500000  # the paper's run
   torchrun --nproc_per_node=2 train_haste.py --preset toy                        # CPU, the trained toy teacher
-  ... --enc-ckpt PATH                                                            # local DINOv2 weights (offline)
-  ... --resume runs/haste                                                        # continue exactly
-
-Paper (SiT-XL/2): vanilla's 7M-step FID in 50 epochs, REPA's best in 500 (2.5M steps; SDE 250, CFG 1.65, t <= 0.72).
+  ... --resume RUN_FOLDER                            # continue exactly; python instead of torchrun: one process
 """
 # <<< method
 # Everything that differs between methods sits between `# >>> method` and `# <<< method`; the rest of this file is
@@ -82,13 +90,10 @@ RUN_KEYS.add('enc_ckpt')
 
 # >>> method: loss
 def attention_loss(student, teacher):
-    """-sum_k p_teacher log p_student over keys, mean over batch, heads, queries, pairs; head i with head i below
-    min(heads): SiT-XL's first 12 of 16 for DINOv2-B's 12, as official (fp32 log_softmax: its fp16 log(softmax))."""
-    pairs = []
-    for s, t in zip(student, teacher):                                       # (N, H_s, T, T), (N, H_t, T, T)
-        h = min(s.shape[1], t.shape[1])
-        pairs.append(-(t[:, :h].float().softmax(-1) * s[:, :h].float().log_softmax(-1)).sum(-1).mean())  # fp32
-    return torch.stack(pairs).mean()
+    """-sum_k p_teacher log p_student over keys, mean over batch, heads, queries, pairs [(N, H, T, T)]; head i with
+    head i below min(heads) (SiT-XL's first 12 of 16 for DINOv2-B's 12, as official); fp32 log_softmax, not log(fp16)"""
+    return torch.stack([-(t[:, :s.shape[1]].float().softmax(-1) * s[:, :t.shape[1]].float().log_softmax(-1))
+                        .sum(-1).mean() for s, t in zip(student, teacher)]).mean()  # each slice keeps min(heads) heads
 
 
 def compute_loss(model, x, y, target, attn, proj_coeff, attn_coeff, attn_blocks):
@@ -128,18 +133,16 @@ def main(argv=None):
 
     # data
     # >>> method: data
-    # every flag is checked before a teacher is built or fetched (DINOv2-g is 1.1B parameters)
+    depth = sit.model_depth(cfg['model'])  # flags are checked before a teacher is built or fetched (DINOv2-g: 1.1B)
+    if not 1 <= cfg['encoder_depth'] <= depth:
+        sit.fail(f"--encoder-depth {cfg['encoder_depth']} is outside {cfg['model']}'s blocks 1..{depth}")
     teacher_depth = sit.teacher_depth(cfg['enc'], cfg['enc_ckpt'] or None, cfg['data_path'])  # no weights yet
     if cfg['tau'] < 0:
         sit.fail(f"--tau {cfg['tau']}: the step at which alignment ends must be >= 0 (the paper's is 250000)")
-    depth = sit.model_depth(cfg['model'])
-    if not 1 <= cfg['encoder_depth'] <= depth:
-        sit.fail(f"--encoder-depth {cfg['encoder_depth']} is outside {cfg['model']}'s blocks 1..{depth}")
     attn_s = sit.parse_blocks(cfg['attn_student'], depth, '--attn-student')
     attn_t = sit.parse_blocks(cfg['attn_teacher'], teacher_depth, '--attn-teacher', len(attn_s))
-    if cfg['tau'] == 0 and rank == 0:
-        print("warning: --tau 0 ends HASTE's alignment before its first step: no projection or attention loss at "
-              "all, so this trains plain SiT (train_vanilla.py's loss); pass --tau > 0 to align", flush=True)
+    if cfg['tau'] == 0 and rank == 0:  # allowed (alignment ends before step 1), but hardly what was meant
+        print("warning: --tau 0 means no projection or attention loss at all: plain SiT; pass --tau > 0", flush=True)
     dataset = sit.PreparedDataset(cfg['data_path'], images=True)  # the teacher sees the images
     # <<< method
     meta = dataset.meta
@@ -226,17 +229,14 @@ def main(argv=None):
         for i in range(accum):
             # >>> method: batch
             if step >= cfg['tau'] and dataset.images:  # phase II from here on (also when resumed past tau)
-                dataset.images, data, attn_s = False, batches(step), ()      # read moments only; no logits
+                dataset.images, data, attn_s, target, attn = False, batches(step), (), None, None  # no teacher
                 model.projectors.requires_grad_(False)  # unused from now on, so DDP needs no find_unused_parameters
-                net = DDP(net.module, device_ids=[device.index] if cuda else None,
-                           gradient_as_bucket_view=True) if world > 1 else net
+                net = DDP(net.module, device_ids=net.device_ids, gradient_as_bucket_view=True) if world > 1 else net
                 log(f'HASTE phase II from step {step}: plain velocity matching, no teacher, projector or logits')
-            if dataset.images:  # phase I: the teacher's tokens and its logits with the CLS row and column dropped
-                images, moments, y = (b.to(device, non_blocking=True) for b in next(data))
-                out = teacher(images, attn_blocks=attn_t)                    # frozen, no grad, fp16 on CUDA
+            *images, moments, y = (b.to(device, non_blocking=True) for b in next(data))  # images: [] in phase II
+            if images:  # phase I: the teacher's tokens and its logits with the CLS row and column dropped
+                out = teacher(images[0], attn_blocks=attn_t)                 # frozen, no grad, fp16 on CUDA
                 target, attn = out['patch'], [a[:, :, 1:, 1:] for a in out['attn']]  # (N, T, 768), [(N, 12, T, T)]
-            else:
-                (moments, y), target, attn = (b.to(device, non_blocking=True) for b in next(data)), None, None
             # <<< method
             x = sit.sample_latents(moments, meta)                            # (N, C, h, w), normalised
             y = sit.drop_labels(y, cfg['label_dropout'], meta['num_classes'])  # once, here (REPA's --legacy: twice)

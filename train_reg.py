@@ -1,16 +1,23 @@
 # >>> method: what this script trains
 """
-train_reg.py: REG (Wu et al., arXiv 2507.01467) = REPA + one entangled class token: the teacher's class token
-of the clean image, noised like the latents, enters SiT at position 0 and is denoised with them (a diff of
-train_repa.py). Sampling draws the token as noise and integrates it jointly (sit.sample does).
+train_reg.py: REG (Wu et al. 2025, arXiv 2507.01467) = REPA + one entangled class token, denoised with the latents.
 
-  torchrun --nproc_per_node=8 train_reg.py --data-path data/imagenet256          # SiT-XL/2, 4M steps in the paper
-  torchrun --nproc_per_node=8 train_reg.py --model SiT-B/2 --encoder-depth 4     # SiT-B/2
+  L_v = mean over (C, H, W) of (model(x_t, t, y) - (eps - x))^2,  x_t = (1 - t) x + t eps,  t ~ U(0, 1), 0 = data
+  L = L_v + proj_coeff * L_proj,  L_proj = mean over tokens of -cos(projector(h), the teacher's patch tokens)
+  + cls_coeff * mean over D of (v_cls - (eps_cls - cls))^2: the teacher's class token cls, noised as cls_t = (1 - t)
+  cls + t eps_cls, enters SiT at position 0 (L_proj's target: [cls, patch tokens]); sampling integrates it jointly
+
+Defaults (the paper's): SiT-XL/2, global batch 256, AdamW lr 1e-4 constant, grad clip 1.0, EMA 0.9999, 400K steps,
+label dropout 0.1 (for CFG); latents drawn each step from the VAE moments prepare.py stored. --help: every flag.
+REPA's: h = SiT's tokens after block encoder_depth 8 (4 for SiT-B), projector D -> 2048 -> 2048 -> 768, proj_coeff
+0.5; teacher DINOv2-B/14 (timm; --enc-ckpt PATH offline), frozen, on the clean image at 14 px per SiT token.
+REG's: cls_coeff 0.03; the token is never dropped (the label is). SiT-B/2: --model SiT-B/2 --encoder-depth 4.
+Paper (ImageNet 256, FID-50K, SDE 250 steps): without CFG SiT-B/2 15.2, SiT-L/2 4.6, SiT-XL/2 3.4 at 400K steps and
+1.8 at 4M; with CFG 2.3 (token 2.3) on t <= 0.85 (--protocol reg) SiT-XL/2 1.40 at 480 epochs, 1.36 at 800 (4M).
+
+  torchrun --nproc_per_node=8 train_reg.py --data-path data/imagenet256 --max-steps 4000000  # the paper's SiT-XL/2
   torchrun --nproc_per_node=2 train_reg.py --preset toy                          # CPU, the trained toy teacher
-  ... --resume runs/reg                                                          # continue exactly
-
-Paper numbers (ImageNet 256, 50K samples, SDE 250 steps), no CFG: SiT-B/2 400K 15.2, SiT-L/2 400K 4.6, SiT-XL/2 400K
-3.4 and 4M 1.8; with CFG 2.3 (token 2.3) on t <= 0.85: SiT-XL/2 480 epochs 1.40, 800 epochs 1.36.
+  ... --resume RUN_FOLDER                            # continue exactly; python instead of torchrun: one process
 """
 # <<< method
 # Everything that differs between methods sits between `# >>> method` and `# <<< method`; the rest of this file is
@@ -116,6 +123,9 @@ def main(argv=None):
 
     # data
     # >>> method: data
+    depth = sit.model_depth(cfg['model'])  # flags are checked before a teacher is built or fetched (DINOv2-g: 1.1B)
+    if not 1 <= cfg['encoder_depth'] <= depth:
+        sit.fail(f"--encoder-depth {cfg['encoder_depth']} is outside {cfg['model']}'s blocks 1..{depth}")
     dataset = sit.PreparedDataset(cfg['data_path'], images=True)  # the teacher sees the images
     # <<< method
     meta = dataset.meta

@@ -1,15 +1,20 @@
 # >>> method: what this script trains
 """
-train_repa.py: REPA (Yu et al., arXiv 2410.06940) = velocity matching + aligning SiT's hidden tokens after block
-`encoder_depth` (through a small MLP projector) with a frozen DINOv2 teacher's patch tokens of the clean image.
+train_repa.py: REPA (Yu et al. 2024, arXiv 2410.06940) = SiT + aligning its hidden tokens with a frozen DINOv2's.
+
+  L_v = mean over (C, H, W) of (model(x_t, t, y) - (eps - x))^2,  x_t = (1 - t) x + t eps,  t ~ U(0, 1), 0 = data
+  L = L_v + proj_coeff * L_proj,  L_proj = mean over tokens of -cos(projector(h), the teacher's patch tokens)
+
+Defaults (the paper's): SiT-XL/2, global batch 256, AdamW lr 1e-4 constant, grad clip 1.0, EMA 0.9999, 400K steps,
+label dropout 0.1 (for CFG); latents drawn each step from the VAE moments prepare.py stored. --help: every flag.
+REPA's: h = SiT's tokens after block encoder_depth 8 (4 for SiT-B), projector D -> 2048 -> 2048 -> 768, proj_coeff
+0.5; teacher DINOv2-B/14 (timm; --enc-ckpt PATH offline), frozen, on the clean image at 14 px per SiT token.
+Paper (ImageNet 256, FID-50K, SDE 250 steps): SiT-XL/2 7.9 at 400K steps without CFG (vanilla 17.2; --protocol
+repa-nocfg), 5.9 at 4M, 1.42 with CFG 1.8 on t <= 0.7 (--protocol repa); SiT-B/2 24.4, SiT-L/2 9.7 at 400K.
 
   torchrun --nproc_per_node=8 train_repa.py --data-path data/imagenet256         # the paper's SiT-XL/2 run
   torchrun --nproc_per_node=2 train_repa.py --preset toy                         # CPU, the trained toy teacher
-  ... --enc-ckpt PATH                                                            # local DINOv2 weights (offline)
-  ... --resume runs/repa                                                         # continue exactly
-
-Paper numbers (SiT-XL/2, ImageNet 256, 50K samples, SDE 250 steps): FID 7.9 at 400K steps without guidance
-(vanilla 17.2); 5.9 at 4M; 1.42 with CFG 1.8 on t <= 0.7.
+  ... --resume RUN_FOLDER                            # continue exactly; python instead of torchrun: one process
 """
 # <<< method
 # Everything that differs between methods sits between `# >>> method` and `# <<< method`; the rest of this file is
@@ -109,6 +114,9 @@ def main(argv=None):
 
     # data
     # >>> method: data
+    depth = sit.model_depth(cfg['model'])  # flags are checked before a teacher is built or fetched (DINOv2-g: 1.1B)
+    if not 1 <= cfg['encoder_depth'] <= depth:
+        sit.fail(f"--encoder-depth {cfg['encoder_depth']} is outside {cfg['model']}'s blocks 1..{depth}")
     dataset = sit.PreparedDataset(cfg['data_path'], images=True)  # the teacher sees the images
     # <<< method
     meta = dataset.meta

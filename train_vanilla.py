@@ -1,12 +1,18 @@
 # >>> method: what this script trains
 """
-train_vanilla.py: SiT trained by plain velocity matching (Ma et al., arXiv 2401.08740), in REPA's convention.
+train_vanilla.py: SiT (Ma et al. 2024, arXiv 2401.08740) trained by plain velocity matching, in REPA's convention.
+
+  L_v = mean over (C, H, W) of (model(x_t, t, y) - (eps - x))^2,  x_t = (1 - t) x + t eps,  t ~ U(0, 1), 0 = data
+  L = L_v
+
+Defaults (the paper's): SiT-XL/2, global batch 256, AdamW lr 1e-4 constant, grad clip 1.0, EMA 0.9999, 400K steps,
+label dropout 0.1 (for CFG); latents drawn each step from the VAE moments prepare.py stored. --help: every flag.
+Paper (ImageNet 256, FID-50K, SDE 250 steps): SiT-XL/2 17.2 at 400K steps without CFG (sample.py --protocol
+repa-nocfg); SiT's 7M-step release 2.06 with CFG 1.5 on 3 of 4 channels (--protocol sit).
 
   torchrun --nproc_per_node=8 train_vanilla.py --data-path data/imagenet256       # the paper's SiT-XL/2 run
   torchrun --nproc_per_node=2 train_vanilla.py --preset toy                      # CPU demo on the toy set
-  python train_vanilla.py --preset toy --max-steps 100                           # one process, no torchrun
-  ... --resume runs/vanilla                                                      # continue exactly
-
+  ... --resume RUN_FOLDER                            # continue exactly; python instead of torchrun: one process
 """
 # <<< method
 # Everything that differs between methods sits between `# >>> method` and `# <<< method`; the rest of this file is

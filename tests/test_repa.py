@@ -59,5 +59,5 @@ def test_toy_run_and_checkpoint_layout(toy, tmp_path, capsys):
 def test_teacher_errors(toy, tmp_path):
     with pytest.raises(SystemExit, match='teacher weights not found'):
         train_repa.main(['--data-path', toy, '--out', str(tmp_path / 'x'), *TINY, '--enc-ckpt', str(tmp_path / 'no.pth')])
-    with pytest.raises(SystemExit, match='encoder_depth 9 is outside'):
+    with pytest.raises(SystemExit, match='--encoder-depth 9 is outside'):
         train_repa.main(['--data-path', toy, '--out', str(tmp_path / 'x'), *TINY, '--encoder-depth', '9'])
