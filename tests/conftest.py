@@ -54,8 +54,8 @@ def torchrun(tmp_path, module, args, nproc=2, env=None, timeout=300):
 
 
 def tiny_method_flags(train):
-    """Flags that make a method's extra networks tiny (a random ViT-S/14 teacher, a small projector), for the keys
-    that the script's config has."""
-    small = dict(enc='dinov2-s', enc_ckpt='random', encoder_depth='2', projector_dim='32', attn_student='2,3',
-                 attn_teacher='10,11')
+    """Flags that make a method's extra networks tiny (a random toy teacher: 4 blocks of width 128; a small
+    projector), for the keys that the script's config has."""
+    small = dict(enc='toy', enc_ckpt='random', encoder_depth='2', projector_dim='32', attn_student='2,3',
+                 attn_teacher='2,3')
     return [x for k, v in small.items() if k in train.config for x in ('--' + k.replace('_', '-'), v)]
