@@ -47,9 +47,9 @@ import fid
 import sample
 import sit
 
-METRICS = ['fid', 'sfid', 'inception_score', 'precision', 'recall', 'fd_dinov2']  # fid.evaluate's names
+METRICS = ['fid', 'sfid', 'inception_score', 'precision', 'recall', 'fd_dinov2', 'fd_toy']  # fid.evaluate's names
 NAMES = dict(fid='FID', sfid='sFID', inception_score='Inception Score', precision='Precision', recall='Recall',
-             fd_dinov2='FD-DINOv2')
+             fd_dinov2='FD-DINOv2', fd_toy='toy FD')
 NOT_HERE = {'--ckpt': 'name run folders (their checkpoints/*.pt) before the flags',
             '--grid': 'preview grids are sample.py --grid', '--classes': 'preview grids are sample.py --grid'}
 

@@ -613,6 +613,31 @@ def sample(model, noise, y, mode='sde', num_steps=250, heun=False, cfg_scale=1.0
     return x[:, :math.prod(noise[0].shape[1:])].reshape(noise[0].shape) if len(noise) == 2 else x
 
 
+@torch.no_grad()
+def ode_path_length(model, noise, y, num_steps=50):
+    """Length of each sample's trajectory under sit.sample's Euler ODE without guidance, t = 1 -> 0: the sum over
+    steps of |x_{k+1} - x_k| (L2 over the latent's C*H*W values) -> (ordinary, shifted), (N,) each. ordinary is
+    measured where the images live (from eps to the sample); shifted where CAR-Flow's network integrates,
+    z_t = x_t + mu_t(y), from eps + mu0 to x + mu1 (its paper's "shorter paths" are these); for a model without
+    shifts the two are equal. noise as sit.sample's; a REG class token is integrated along and not counted."""
+    noise = list(noise) if isinstance(noise, (list, tuple)) else [noise]
+    n = math.prod(noise[0].shape[1:])
+    shifts = getattr(model, 'has_shifts', False)
+    net, x = ShiftsOnce(model) if shifts else model, noise[0].float()
+    if len(noise) == 2:
+        net, x = JointState(model, noise[0].shape[1:], 1.0), torch.cat([x.flatten(1), noise[1]], dim=1)
+    mu0, mu1 = model.shifts(y) if shifts else (0.0, 0.0)
+    dmu = ((mu0 - mu1) * torch.ones_like(noise[0])).flatten(1)              # (N, C*H*W): dz = dx + dt (mu0 - mu1)
+    ordinary, shifted = torch.zeros(len(x)), torch.zeros(len(x))
+    ts = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64).tolist()  # euler_sampler's grid
+    for t_cur, t_next in zip(ts[:-1], ts[1:]):
+        dx = (t_next - t_cur) * guided_velocity(net, x, t_cur, y)           # (N, ...) one Euler step
+        ordinary += dx.flatten(1)[:, :n].norm(dim=1).cpu()
+        shifted += (dx.flatten(1)[:, :n] + (t_next - t_cur) * dmu).norm(dim=1).cpu()
+        x = x + dx
+    return ordinary, shifted
+
+
 # -----------------------------------------------------------------------------
 # Prepared dataset: a folder of memory-mapped .npy arrays + dataset.json (written by prepare.py)
 #   images.npy   uint8   (N, 3, R, R)   what the teacher sees (REPA-style methods)

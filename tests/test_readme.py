@@ -9,6 +9,8 @@ this interpreter. SPEC is a `;`-separated list of clauses:
                        the demo's marker also passes --sample-every 0, as its preview grid alone costs ~40 s of CPU
                        time, and tests/test_train.py checks the previews)
     expect PATH        PATH (relative to the folder) must not exist before the block and must exist after it
+    toy-networks DIR   first make a small toy set at DIR with a toy teacher and a toy FD network trained for a
+                       few steps (the toy lab would otherwise train them for minutes before its own steps)
 
 How a block's commands are run, so the test stays fast (the demo's block took 35 s, 23 s of CPU time,
 on 2 cores shared with other jobs):
@@ -19,8 +21,8 @@ on 2 cores shared with other jobs):
 - Commands are split at `&&` and at line ends (`\\` continues a line); `#` starts a comment. Anything else in a
   marked block (shell constructs, other programs) fails the test, so only mark blocks of these commands.
 A clause that names a script the block does not run fails too, so the overrides follow the README.
-To mark another block (e.g. the toy lab's), put `<!-- test: lab.py += --steps 4; expect docs/toy_lab.png -->`
-(with the lab's own step flag and output) on the line before its ```bash fence.
+The toy lab's block is marked `<!-- test: toy-networks data/toy; lab.py += --steps 4 ...; expect
+runs/lab/toy_lab.png -->`.
 
 Links. Every relative link in README.md and docs/*.md must point to an existing file, and an `#anchor` to a heading
 of the target page (GitHub's slugs); every docs/*.md page must be linked from README.md.
@@ -45,17 +47,32 @@ LINK = re.compile(r'\[[^\]]*\]\(([^)\s]+)\)')
 # commands
 
 def parse_spec(spec):
-    """'a.py += --x 1; expect p' -> ({'a.py': ['--x', '1']}, ['p'])"""
-    extra, expect = {}, []
+    """'a.py += --x 1; expect p' -> ({'a.py': ['--x', '1']}, ['p'], []); 'toy-networks DIR' adds DIR to the third"""
+    extra, expect, toy = {}, [], []
     for clause in filter(None, (c.strip() for c in spec.split(';'))):
         if clause.startswith('expect '):
             expect.append(clause[len('expect '):].strip())
+        elif clause.startswith('toy-networks '):
+            toy.append(clause[len('toy-networks '):].strip())
         elif '+=' in clause:
             script, args = clause.split('+=', 1)
             extra[script.strip()] = shlex.split(args)
         else:
             raise ValueError(f'unknown clause {clause!r} in <!-- test: {spec} -->')
-    return extra, expect
+    return extra, expect, toy
+
+
+def quick_toy_networks(path):
+    """A small toy set at PATH with a toy teacher and a toy FD network trained for seconds, not minutes, so a block
+    that would train them first (the toy lab's) runs its own steps only; tests/test_lab.py makes the same."""
+    import numpy as np
+    sys.path.insert(0, ROOT)
+    import prepare
+    prepare.prepare_toy(path, per_class=12, resolution=16, seed=0)
+    prepare.prepare_toy_teacher(path, seed=0, epochs=1, batch_size=40)
+    net = prepare.train_toy_fd(seed=1, per_class=20, epochs=1, log=lambda s: None)
+    prepare._save_net(net, os.path.join(path, 'fd.safetensors'), dict(width=16, classes=10, resolution=16))
+    np.savez(os.path.join(path, 'fd_ref.npz'), arr_0=prepare.draw_toy_set(10, 16, seed=2)[0].transpose(0, 2, 3, 1))
 
 
 def block_commands(block, extra):
@@ -97,8 +114,8 @@ def test_the_parser_follows_the_rules():
             '.venv/bin/torchrun --nproc_per_node=2 b.py \\\n    --preset toy   # a comment\n```\n'
             '```bash\npython c.py\n```\n')
     (spec, block), = marked_blocks(text)                                    # the unmarked block is not run
-    extra, expect = parse_spec(spec)
-    assert expect == ['out/x.png']
+    extra, expect, toy = parse_spec(spec)
+    assert expect == ['out/x.png'] and toy == []
     assert block_commands(block, extra) == [[sys.executable, 'a.py', '--k', '1'],
                                             [sys.executable, 'b.py', '--preset', 'toy', '--max-steps', '4']]
     with pytest.raises(AssertionError, match='runs no'):
@@ -112,20 +129,23 @@ def test_the_parser_follows_the_rules():
 README_BLOCKS = marked_blocks(open(os.path.join(ROOT, 'README.md')).read())
 
 
-def test_the_demo_is_marked():
-    """The quick start's demo is among the tested blocks (a lost marker would silently test nothing)."""
+def test_the_demo_and_the_lab_are_marked():
+    """The quick start's demo and the toy lab are among the tested blocks (a lost marker would test nothing)."""
     assert any('train_vanilla.py --preset toy' in block for _, block in README_BLOCKS)
+    assert any('lab.py' in block for _, block in README_BLOCKS)
 
 
 @pytest.mark.parametrize('spec,block', README_BLOCKS, ids=[s for s, _ in README_BLOCKS])
 def test_readme_commands_run(spec, block, tmp_path):
-    extra, expect = parse_spec(spec)
+    extra, expect, toy = parse_spec(spec)
     commands = block_commands(block, extra)
     for name in os.listdir(ROOT):                                            # the top-level files only
         if os.path.isfile(os.path.join(ROOT, name)) and not name.startswith('.'):
             shutil.copy2(os.path.join(ROOT, name), tmp_path / name)
     for path in expect:
         assert not (tmp_path / path).exists(), f'{path} exists before the block runs'
+    for path in toy:
+        quick_toy_networks(str(tmp_path / path))
     env = dict(os.environ, CUDA_VISIBLE_DEVICES='', HF_HUB_OFFLINE='1', PYTHONUNBUFFERED='1')
     for argv in commands:
         r = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
