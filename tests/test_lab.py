@@ -1,6 +1,5 @@
 """The toy lab: lab.py end to end on a few steps, and sit.ode_path_length against closed forms."""
 import json
-import os
 import shutil
 
 import numpy as np
