@@ -129,7 +129,6 @@ def main(argv=None):
                 sit.fail(f'{name} failed (exit {proc.returncode}); see {log.name}')
             timing[name], done = time.time() - t0, done + 1
             progress(f'{name} done ({timing[name]:.0f} s)', 1 + done, stages)
-    torch.set_num_threads(1)  # the rest: path lengths and figures, light
     figure = os.path.join(seed_dir, 'fd_toy.png')
     evaluate.main([*runs.values(), '--plot', '--metric', 'fd_toy', '--out', figure])
 
