@@ -89,6 +89,7 @@ def parse_args(argv=None):
     p.add_argument('--plot', action='store_true', help="draw the records instead of scoring (needs matplotlib)")
     p.add_argument('--metric', default='fid', help=f"--plot: one of {', '.join(METRICS)}")
     p.add_argument('--out', help='--plot: figure path (default eval_METRIC.png); the table goes beside it as .md')
+    p.add_argument('--log', action='store_true', help='--plot: log y axis (late differences of a falling FD show)')
     first = next((i for i, a in enumerate(argv) if a.startswith('-')), len(argv))
     runs, (args, rest) = argv[:first], p.parse_known_args(argv[first:])
     args.runs = [r.rstrip('/') or '/' for r in runs]
@@ -442,6 +443,7 @@ def plot(args):
         for ax, x in ((ax_step, 'training step'), (ax_img, 'images seen')):
             ax.set_xlabel(x)
             ax.set_ylabel(NAMES.get(args.metric, args.metric))
+            ax.set_yscale('log' if args.log else 'linear')
             ax.xaxis.set_major_formatter(EngFormatter())
             ax.grid(alpha=0.3)
             ax.set_title(title, fontsize=9)

@@ -133,7 +133,7 @@ def test_killed_checkpoint_resumes_to_the_same_record(env, scored, monkeypatch):
     assert not os.path.exists(os.path.join(run, 'samples'))                  # nothing kept but the records
 
 
-def test_second_protocol_adds_records_and_figure_keeps_them_apart(env, scored, tmp_path, capsys):
+def test_second_protocol_adds_records_and_figure_keeps_them_apart(env, scored, tmp_path, capsys, monkeypatch):
     run = copy_run(env, 'two_protocols')
     shutil.copy(os.path.join(env['run'], 'eval.jsonl'), run)
     records = score(env, run, '--steps', '3', '--seed', '1')
@@ -153,6 +153,11 @@ def test_second_protocol_adds_records_and_figure_keeps_them_apart(env, scored, t
     seed0 = next(r for r in records if r['protocol']['seed'] == 0 and r['step'] == 2)['metrics']['fid']
     assert f"| 2 | {seed0:.4g} | {evaluate.read_records(other)[0]['metrics']['fid']:.4g} |" in md
     assert md.count('| step |') == 2
+    import matplotlib.axes
+    scales = []
+    monkeypatch.setattr(matplotlib.axes.Axes, 'set_yscale', lambda ax, v, **k: scales.append(v))
+    evaluate.main([run, '--plot', '--metric', 'fid', '--out', out, '--log'])
+    assert scales == ['log'] * 4                                        # 2 panel rows x (step, images seen)
 
 
 def test_watch_scores_new_checkpoints_until_the_last(env, scored, monkeypatch):
