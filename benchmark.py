@@ -3,11 +3,14 @@ benchmark.py: training-step time of each method over vanilla's, measured in one 
 
   python benchmark.py                        # CPU here: SiT-S/2 on ImageNet-shaped random data, batch 16
   python benchmark.py --model SiT-XL/2 --batch 64 --steps 50      # on a GPU machine: one GPU, bf16
+  python benchmark.py --toy data/toy         # the toy lab's setting: --preset toy, its teacher, one thread each
 
 Each method's real script runs as its own process on the same synthetic prepared dataset (random 256 px images
 and 4x32x32 latent moments, 1000 classes), with random-weight DINOv2-B teachers (speed does not depend on the
 weights). The rate is read from the script's own log line after a warm-up interval, so data loading, the teacher,
 the optimizer and the EMA are all in it. Ratios are what to compare; absolute numbers depend on the machine.
+With --toy DATA the scripts run as lab.py runs them instead: --preset toy (SiT-T/2, global batch 64) on the toy
+set in DATA with its trained toy teacher, one thread per process (--model and --batch do not apply).
 
 FLOPs: one training step of each script (its own main(), one process, 2 images) runs under torch's
 FlopCounterMode, which counts matrix products, convolutions and attention, a multiply-add as 2 FLOPs (the DiT
@@ -125,20 +128,32 @@ def main():
     p.add_argument('--only', help='comma-separated labels to run (vanilla always runs: it is the reference)')
     p.add_argument('--peak-tflops', type=float, help='dense bf16 peak of the GPU for MFU (default: PEAK_TFLOPS)')
     p.add_argument('--flops-only', action='store_true', help='count the FLOPs per image, skip the timing')
+    p.add_argument('--toy', metavar='DATA', help="lab.py's setting: --preset toy on the toy set DATA (prepare.py "
+                   "toy --teacher), one thread per process")
     args = p.parse_args()
+    if args.toy:
+        if not os.path.isfile(os.path.join(args.toy, 'teacher.json')):
+            sit.fail(f'--toy {args.toy}: no toy set with its teacher there; make it: python prepare.py toy --out '
+                     f'{args.toy} --teacher')
+        preset = importlib.import_module('train_vanilla').presets['toy']
+        args.model, args.batch = preset['model'], preset['global_batch']
     peak = peak_tflops(args)
     runs = [r for r in RUNS if os.path.exists(os.path.join(ROOT, f'train_{r[1]}.py'))
             and (not args.only or r[0] == 'vanilla' or r[0] in args.only.split(','))]
+    toy = ['--preset', 'toy'] if args.toy else []
     with tempfile.TemporaryDirectory() as tmp:
-        data = os.path.join(tmp, 'data')
-        synthetic_imagenet(data, 2 * args.steps * args.batch)
-        print(f'{args.model} FLOPs per image (a multiply-add = 2 FLOPs): forward {forward_flops(args.model) / 1e9:.1f} '
-              f'G; one training step:', flush=True)
+        data = args.toy or os.path.join(tmp, 'data')
+        if not args.toy:
+            synthetic_imagenet(data, 2 * args.steps * args.batch)
+            print(f'{args.model} FLOPs per image (a multiply-add = 2 FLOPs): forward '
+                  f'{forward_flops(args.model) / 1e9:.1f} G; one training step:', flush=True)
+        else:
+            print(f'{args.model} on the toy set, FLOPs per image (a multiply-add = 2 FLOPs) of one training step:')
         flops = {}
         for label, script, extra in runs:
-            flops[label] = step_flops(script, extra, data, os.path.join(tmp, 'flops-' + label.replace(' ', '_')),
+            flops[label] = step_flops(script, toy + extra, data, os.path.join(tmp, 'flops-' + label.replace(' ', '_')),
                                       args.model)
-            print(f'  {label:9s} {flops[label][0] / 1e9:8.1f} G student + {flops[label][1] / 1e9:6.1f} G teacher',
+            print(f'  {label:9s} {flops[label][0] / 1e9:8.2f} G student + {flops[label][1] / 1e9:6.2f} G teacher',
                   flush=True)
         if args.flops_only:
             return
@@ -146,13 +161,15 @@ def main():
         for k in range(args.rounds):  # interleaved, so a drift of the machine's speed hits every method alike
             for label, script, extra in runs:
                 out = os.path.join(tmp, f'{label}-{k}'.replace(' ', '_'))
-                cmd = [sys.executable, os.path.join(ROOT, f'train_{script}.py'), '--data-path', data, '--out', out,
-                       '--model', args.model, '--global-batch', str(args.batch), '--max-steps', str(2 * args.steps),
+                cmd = [sys.executable, os.path.join(ROOT, f'train_{script}.py'), *toy, '--data-path', data,
+                       '--out', out, '--model', args.model, '--global-batch', str(args.batch),
+                       '--max-steps', str(2 * args.steps),
                        '--log-every', str(args.steps), '--sample-every', '0', '--ckpt-every', str(10 ** 9),
-                       '--num-workers', '2', *extra]
-                if 'enc_ckpt' in importlib.import_module(f'train_{script}').config:  # random teacher, same cost
-                    cmd += ['--enc-ckpt', 'random']
-                r = subprocess.run(cmd, capture_output=True, text=True)
+                       '--num-workers', '0' if args.toy else '2', *extra]
+                if 'enc_ckpt' in importlib.import_module(f'train_{script}').config and not args.toy:
+                    cmd += ['--enc-ckpt', 'random']  # a random teacher, the same cost
+                env = dict(os.environ, OMP_NUM_THREADS='1') if args.toy else None  # as lab.py runs them
+                r = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if r.returncode:
                     sys.exit(f'{label} failed:\n{r.stderr[-2000:]}')
                 with open(os.path.join(out, 'metrics.jsonl')) as f:
