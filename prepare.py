@@ -107,56 +107,68 @@ def _rotated(pts, angle, center):
     return [(center[0] + c * x - s * y, center[1] + s * x + c * y) for x, y in pts]
 
 
-def draw_toy(label, rng, resolution=16, supersample=4, colour=None):
+TOY_BACKGROUNDS = ('plain', 'textured')
+
+
+def draw_toy(label, rng, resolution=16, supersample=4, colour=None, background='plain'):
     """One toy image, uint8 (3, R, R): the shape of class `label`, in the colour of class `colour` (default: its
-    own). Drawn 4x larger and downsampled for smooth edges."""
+    own). Drawn 4x larger and downsampled for smooth edges. background: 'plain' (one dark colour) or 'textured'
+    (smooth clutter of random colours up to half the shapes' brightness: the harder variant, where the shape must be
+    told apart from its surroundings and the background itself is something to learn)."""
     from PIL import Image, ImageDraw
     shape = TOY_CLASSES[label][0]
     colour = TOY_CLASSES[label if colour is None else colour][2]
     size = resolution * supersample
     bg = tuple(int(v) for v in rng.integers(10, 45, size=3))
     img = Image.new('RGB', (size, size), bg)
-    d = ImageDraw.Draw(img)
     r = rng.uniform(0.28, 0.40) * size                        # half-extent of the shape
     cx, cy = rng.uniform(r + 1, size - r - 1, size=2)
     a = rng.uniform(0, 2 * math.pi)
     col = tuple(int(np.clip(v + rng.integers(-20, 21), 0, 255)) for v in colour)
+    # textured: the shape is drawn into a mask, pasted over the clutter after (a ring's hole shows the clutter)
+    canvas, fill, hole = (img, col, bg) if background == 'plain' else (Image.new('L', (size, size), 0), 255, 0)
+    d = ImageDraw.Draw(canvas)
     w = r * 0.35                                              # stroke / arm half-width
     if shape == 'circle':
-        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=col)
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     elif shape == 'ring':
-        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=col)
-        d.ellipse([cx - 0.55 * r, cy - 0.55 * r, cx + 0.55 * r, cy + 0.55 * r], fill=bg)
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        d.ellipse([cx - 0.55 * r, cy - 0.55 * r, cx + 0.55 * r, cy + 0.55 * r], fill=hole)
     elif shape == 'square':
-        d.polygon(_polygon(4, r * 1.1, a, (cx, cy)), fill=col)
+        d.polygon(_polygon(4, r * 1.1, a, (cx, cy)), fill=fill)
     elif shape == 'diamond':
-        d.polygon(_rotated([(0, -r), (0.55 * r, 0), (0, r), (-0.55 * r, 0)], a, (cx, cy)), fill=col)
+        d.polygon(_rotated([(0, -r), (0.55 * r, 0), (0, r), (-0.55 * r, 0)], a, (cx, cy)), fill=fill)
     elif shape == 'triangle':
-        d.polygon(_polygon(3, r * 1.15, a, (cx, cy)), fill=col)
+        d.polygon(_polygon(3, r * 1.15, a, (cx, cy)), fill=fill)
     elif shape == 'star':
-        d.polygon(_polygon(5, r * 1.15, a, (cx, cy), inner=r * 0.45), fill=col)
+        d.polygon(_polygon(5, r * 1.15, a, (cx, cy), inner=r * 0.45), fill=fill)
     elif shape == 'bar':
-        d.polygon(_rotated([(-r, -w), (r, -w), (r, w), (-r, w)], a, (cx, cy)), fill=col)
+        d.polygon(_rotated([(-r, -w), (r, -w), (r, w), (-r, w)], a, (cx, cy)), fill=fill)
     elif shape in ('cross', 'plus'):
         turn = a if shape == 'cross' else 0.0                  # plus stays upright, cross rotates freely
         for arm in (0.0, math.pi / 2):
-            d.polygon(_rotated([(-r, -w), (r, -w), (r, w), (-r, w)], turn + arm, (cx, cy)), fill=col)
+            d.polygon(_rotated([(-r, -w), (r, -w), (r, w), (-r, w)], turn + arm, (cx, cy)), fill=fill)
     elif shape == 'heart':
         pts = [(16 * math.sin(s) ** 3, -(13 * math.cos(s) - 5 * math.cos(2 * s) - 2 * math.cos(3 * s)
                                          - math.cos(4 * s))) for s in np.linspace(0, 2 * math.pi, 60)]
-        d.polygon(_rotated([(x * r / 16, y * r / 16) for x, y in pts], a * 0.3, (cx, cy)), fill=col)
+        d.polygon(_rotated([(x * r / 16, y * r / 16) for x, y in pts], a * 0.3, (cx, cy)), fill=fill)
+    if background == 'textured':  # a 4x4 grid of random colours, smoothly interpolated: blobs about R/4 wide
+        clutter = rng.integers(0, 120, size=(4, 4, 3), dtype=np.uint8)
+        img = Image.fromarray(clutter, 'RGB').resize((size, size), Image.BICUBIC)
+        img.paste(col, mask=canvas)
     img = img.resize((resolution, resolution), Image.LANCZOS)
     return np.asarray(img).transpose(2, 0, 1)                 # (3, R, R)
 
 
-def prepare_toy(out, per_class=500, resolution=16, seed=0):
+def prepare_toy(out, per_class=500, resolution=16, seed=0, background='plain'):
     num_classes = len(TOY_CLASSES)
     count = num_classes * per_class
-    toy = dict(per_class=per_class, seed=seed)
+    toy = dict(per_class=per_class, seed=seed, **({} if background == 'plain' else dict(background=background)))
     if os.path.isdir(out) and os.listdir(out):  # never overwrite a folder; the same set again is a no-op
         meta = _read_json(os.path.join(out, 'dataset.json')) or {}
         if meta.get('toy') == toy and meta.get('resolution') == resolution:
-            print(f"'{out}' already holds this toy set ({count} images, {resolution}px, seed {seed}); nothing to do")
+            print(f"'{out}' already holds this toy set ({count} images, {resolution}px, seed {seed}, {background} "
+                  f"background); nothing to do")
             return
         sit.fail(f"--out '{out}' is not empty and does not hold this toy set; pass another --out, or delete the "
                  f"folder to draw the toy set again")
@@ -164,7 +176,7 @@ def prepare_toy(out, per_class=500, resolution=16, seed=0):
     labels = rng.permutation(np.arange(count) % num_classes)
     arrays = open_arrays(out, count, resolution, 3, resolution, np.float32)
     for i, y in enumerate(labels):
-        img = draw_toy(int(y), rng, resolution)
+        img = draw_toy(int(y), rng, resolution, background=background)
         arrays['images'][i] = img
         arrays['moments'][i, :3] = img / 127.5 - 1.0           # identity autoencoder: mean = pixels in [-1, 1]
         arrays['moments'][i, 3:] = 0.0                         # std 0: the latent is exact
@@ -174,10 +186,10 @@ def prepare_toy(out, per_class=500, resolution=16, seed=0):
     write_meta(out, resolution=resolution, autoencoder='identity', latent_scale=1.0, latent_channels=3,
                latent_size=resolution, num_classes=num_classes, count=count,
                class_names=[f'{c} {s}' for s, c, _ in TOY_CLASSES], toy=toy)
-    print(f'wrote {count} toy images ({num_classes} classes, {resolution}px) to {out}')
+    print(f'wrote {count} toy images ({num_classes} classes, {resolution}px, {background} background) to {out}')
 
 
-def draw_toy_set(per_class, resolution, seed, colours='own'):
+def draw_toy_set(per_class, resolution, seed, colours='own', background='plain'):
     """A toy set in memory: uint8 images (N, 3, R, R), labels (N,) (the shape's class). colours: 'own' (the
     toy set's classes), 'random' (any shape in any class colour; colour labels (N,) returned too) or 'next'
     (class y's shape in class y+1's colour, a set of wrong pairs)."""
@@ -185,7 +197,8 @@ def draw_toy_set(per_class, resolution, seed, colours='own'):
     n = len(TOY_CLASSES)
     labels = rng.permutation(np.arange(n * per_class) % n)
     paint = rng.integers(0, n, len(labels)) if colours == 'random' else (labels + (colours == 'next')) % n
-    images = np.stack([draw_toy(int(y), rng, resolution, colour=int(c)) for y, c in zip(labels, paint)])
+    images = np.stack([draw_toy(int(y), rng, resolution, colour=int(c), background=background)
+                       for y, c in zip(labels, paint)])
     return (images, labels, paint) if colours == 'random' else (images, labels)
 
 
@@ -245,13 +258,14 @@ def train_toy_teacher(images, labels, grid, seed=0, epochs=6, batch_size=128, lr
     return vit.eval()
 
 
-def train_toy_fd(seed=1, resolution=16, per_class=1000, epochs=4, batch_size=128, lr=2e-3, log=print):
+def train_toy_fd(seed=1, resolution=16, per_class=1000, epochs=4, batch_size=128, lr=2e-3, background='plain',
+                 log=print):
     """The toy FD's feature network (fid.ToyNet): trained apart from the teacher (a CNN, another objective and
     seed) so that the metric does not reward alignment with the teacher by construction. On toy images of any
     shape in any class colour, drawn with its own seed, it names the shape and the colour with two heads: the
     toy set's labels would let it read the class off the colour and miss a wrong shape."""
     import fid
-    images, shapes, colours = draw_toy_set(per_class, resolution, seed, colours='random')
+    images, shapes, colours = draw_toy_set(per_class, resolution, seed, colours='random', background=background)
     torch.manual_seed(seed)
     net = fid.ToyNet(resolution=resolution)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.05)
@@ -300,16 +314,18 @@ def prepare_toy_fd(out, seed=0):
     if os.path.isfile(os.path.join(out, 'fd.json')):
         print(f"'{path}' exists; delete it (and fd.json, fd_ref.npz) to train the toy FD network again")
         return
-    R = _read_json(os.path.join(out, 'dataset.json'))['resolution']
+    meta = _read_json(os.path.join(out, 'dataset.json'))
+    R, background = meta['resolution'], meta['toy'].get('background', 'plain')
     t0 = time.time()
-    # seeds: the toy set draws with `seed`, the FD network with seed + 1, its reference set with seed + 2
-    net = train_toy_fd(seed + 1, R)
-    ref, _ = draw_toy_set(1000, R, seed + 2)
+    # seeds: the toy set draws with `seed`, the FD network with seed + 1, its reference set with seed + 2; all
+    # three on the toy set's background
+    net = train_toy_fd(seed + 1, R, background=background)
+    ref, _ = draw_toy_set(1000, R, seed + 2, background=background)
     with open(os.path.join(out, 'fd_ref.npz.tmp'), 'wb') as f:
         np.savez(f, arr_0=ref.transpose(0, 2, 3, 1))                            # (N, R, R, 3), as fid.py reads
     os.replace(os.path.join(out, 'fd_ref.npz.tmp'), os.path.join(out, 'fd_ref.npz'))
     _save_net(net, path, dict(width=net.shape_head.in_features // 4, classes=len(TOY_CLASSES), resolution=R,
-                              seed=seed + 1, ref_seed=seed + 2))
+                              seed=seed + 1, ref_seed=seed + 2, background=background))
     print(f'wrote the toy FD network to {path} and its reference set ({len(ref)} images) to '
           f'{os.path.join(out, "fd_ref.npz")} ({time.time() - t0:.0f} s)')
 
@@ -657,6 +673,8 @@ def main(argv=None):
     t.add_argument('--per-class', type=int, default=500, help='images per class (10 classes)')
     t.add_argument('--resolution', type=int, default=16)
     t.add_argument('--seed', type=int, default=0)
+    t.add_argument('--background', default='plain', choices=TOY_BACKGROUNDS,
+                   help="textured: smooth random clutter behind the shapes (the toy lab's harder variant)")
     t.add_argument('--teacher', action='store_true', help='also train the toy teacher (OUT/teacher.safetensors)')
     t.add_argument('--fd', action='store_true', help='also train the toy FD network and draw its reference set')
     i = sub.add_parser('imagenet', help='an ImageFolder (ImageNet train/) -> images + VAE moments; torchrun-able')
@@ -682,7 +700,7 @@ def main(argv=None):
     r.add_argument('--num-workers', type=int, default=8)
     args = p.parse_args(argv)
     if args.source == 'toy':
-        prepare_toy(args.out, args.per_class, args.resolution, args.seed)
+        prepare_toy(args.out, args.per_class, args.resolution, args.seed, args.background)
         if args.teacher:
             prepare_toy_teacher(args.out, args.seed)
         if args.fd:

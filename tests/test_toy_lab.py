@@ -163,3 +163,38 @@ def test_draw_toy_set_is_the_toy_set(toy):
     x, y = prepare.draw_toy_set(12, 16, seed=0)
     assert np.array_equal(x, np.load(os.path.join(toy, 'images.npy')))
     assert np.array_equal(y, np.load(os.path.join(toy, 'labels.npy')))
+
+
+def corner_spread(x):
+    """Per image, the largest difference between a corner pixel and the mean of the four corners (no shape reaches
+    a corner): 0 on a plain background. uint8 (N, 3, R, R) -> (N,)"""
+    c = x[:, :, [0, 0, -1, -1], [0, -1, 0, -1]].astype(float)                   # (N, 3, 4)
+    return np.abs(c - c.mean(2, keepdims=True)).max(axis=(1, 2))
+
+
+def test_textured_background_is_the_harder_variant(tmp_path, monkeypatch, capsys):
+    """prepare.py toy --background textured: clutter behind every shape (the corners differ), the shapes in their
+    class colours on top, recorded in dataset.json so that a plain set is not taken for it; the toy FD's network and
+    reference set are drawn on the same background."""
+    out = tmp_path / 'textured'
+    prepare.main(['toy', '--out', str(out), '--per-class', '3', '--background', 'textured'])
+    x, y = prepare.draw_toy_set(3, 16, seed=0, background='textured')
+    assert np.array_equal(np.load(out / 'images.npy'), x) and np.array_equal(np.load(out / 'labels.npy'), y)
+    assert json.loads((out / 'dataset.json').read_text())['toy']['background'] == 'textured'
+    assert corner_spread(x).min() > 10 and corner_spread(prepare.draw_toy_set(3, 16, seed=0)[0]).max() < 1
+    # the shapes are pasted over the clutter in their class colours (+-20 per channel, as on the plain background)
+    red = np.array(prepare.TOY_CLASSES[0][2])[:, None, None]
+    for k in range(5):
+        disc = prepare.draw_toy(0, np.random.default_rng(k), 16, background='textured').astype(int)  # (3, 16, 16)
+        assert (np.abs(disc - red).max(0) <= 25).sum() >= 20                    # a disc of radius >= 4.5 px
+    assert 'does not hold this toy set' in one_line_error(prepare.main, ['toy', '--out', str(out), '--per-class', '3'])
+    seen = {}
+
+    def tiny_fd(seed, resolution, background):
+        seen['background'] = background
+        return fid.ToyNet(8, 10, resolution)
+    monkeypatch.setattr(prepare, 'train_toy_fd', tiny_fd)
+    prepare.prepare_toy_fd(str(out))
+    assert seen['background'] == 'textured'
+    assert json.loads((out / 'fd.json').read_text())['background'] == 'textured'
+    assert corner_spread(np.load(out / 'fd_ref.npz')['arr_0'][:200].transpose(0, 3, 1, 2)).min() > 10
