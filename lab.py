@@ -7,6 +7,7 @@ the final models and each method's time per step, and draws toy FD against steps
   python lab.py                              # seed 0: data, toy teacher, toy FD, 5 trainings, scoring, figure
   python lab.py --seed 1 && python lab.py --seed 2     # more seeds into the same --out: the table spans them all
   python lab.py --steps 4 --ckpt-every 2 --num-samples 8 --out /tmp/lab   # the mechanics in a minute (tests)
+  python lab.py --background textured --data data/toy-textured --out runs/lab-textured    # the harder variant
 
 Sampling protocol (every checkpoint, every method): ODE, 25 Euler steps, no guidance, sample i's noise and label
 keyed by (--seed, i). No guidance, as REPA's convergence curves: CFG pulls every model's samples towards its class
@@ -24,7 +25,6 @@ import time
 from types import SimpleNamespace
 
 import numpy as np
-import torch
 
 import evaluate
 import prepare
@@ -47,6 +47,8 @@ p.add_argument('--sample-steps', type=int, default=25, help='Euler steps of the 
 p.add_argument('--path-samples', type=int, default=300, help='samples for the path lengths of the final models')
 p.add_argument('--data', default='data/toy', help='toy set, toy teacher and toy FD (made here if missing)')
 p.add_argument('--data-seed', type=int, default=0, help="prepare.py toy's --seed (the data is shared by all seeds)")
+p.add_argument('--background', default='plain', choices=prepare.TOY_BACKGROUNDS,
+               help="prepare.py toy's --background; textured is the harder variant (give it its own --data, --out)")
 p.add_argument('--out', default='runs/lab')
 p.add_argument('--jobs', type=int, default=2, help='processes at a time (one thread each)')
 
@@ -64,11 +66,29 @@ def ms_per_step(run, global_batch, lo=0, hi=float('inf')):
     return float(np.median([1000 * global_batch / r for r in rates])) if rates else None
 
 
-def mean_sd(values):
+def steps_to(curve, target):
+    """The first step at which an FD curve {step: FD} reaches target, interpolated between the two checkpoints that
+    bracket it, linearly in log FD (the curves fall roughly exponentially between checkpoints), so a method that
+    gets there 20 steps sooner shows it with checkpoints 50 apart; None if it never does within the run."""
+    prev = None
+    for step, fd in sorted(curve.items()):
+        if fd <= target:
+            if prev is None or prev[1] <= target or prev[1] == fd:
+                return float(step)
+            s0, f0 = prev
+            return s0 + (step - s0) * (np.log(f0) - np.log(target)) / (np.log(f0) - np.log(fd))
+        prev = (step, fd)
+    return None
+
+
+def mean_sd(values, fmt='.3g'):
+    """'mean +- sd' over seeds (sd with ddof 1); None (a target never reached) is counted apart, not averaged."""
     v = [x for x in values if x is not None]
+    never = f'never on {len(values) - len(v)} of {len(values)} seeds' if len(v) < len(values) else ''
     if not v:
         return 'never'
-    return f'{np.mean(v):.3g} +- {np.std(v, ddof=1):.2g}' if len(v) > 1 else f'{v[0]:.3g}'
+    shown = f'{np.mean(v):{fmt}} +- {np.std(v, ddof=1):.2g}' if len(v) > 1 else f'{v[0]:{fmt}}'
+    return shown + (f' ({never})' if never else '')
 
 
 def main(argv=None):
@@ -88,7 +108,13 @@ def main(argv=None):
     stages = 1 + 2 * len(METHODS)
     t0 = time.time()
     if not all(os.path.isfile(os.path.join(args.data, f)) for f in ('dataset.json', 'teacher.json', 'fd.json')):
-        prepare.main(['toy', '--out', args.data, '--seed', str(args.data_seed), '--teacher', '--fd'])
+        prepare.main(['toy', '--out', args.data, '--seed', str(args.data_seed), '--background', args.background,
+                      '--teacher', '--fd'])
+    with open(os.path.join(args.data, 'dataset.json')) as f:
+        found = (json.load(f).get('toy') or {}).get('background', 'plain')
+    if found != args.background:
+        sit.fail(f"--data {args.data} holds the toy set with the {found} background, not {args.background}; pass "
+                 f"--background {found}, or another --data for the {args.background} variant")
     timing = dict(prepare=time.time() - t0)
     progress('data, toy teacher and toy FD ready', 1, stages)
 
@@ -135,9 +161,11 @@ def main(argv=None):
     # -------------------------------------------------------------------------
     # this seed's numbers: FD curves, steps to vanilla's final FD, time per step, ODE path lengths
     curves = {m: fd_curve(r) for m, r in runs.items()}
-    target = curves['vanilla'][args.steps]
-    summary = dict(seed=args.seed, steps=args.steps, tau=tau, protocol=sampler, num_samples=args.num_samples,
-                   vanilla_final=target, timing=timing, methods={})
+    half = min(curves['vanilla'], key=lambda k: abs(k - args.steps // 2))   # the checkpoint nearest half-way
+    target, target_half = curves['vanilla'][args.steps], curves['vanilla'][half]
+    summary = dict(seed=args.seed, data=args.data, background=args.background, steps=args.steps, tau=tau,
+                   protocol=sampler, num_samples=args.num_samples,
+                   vanilla_final=target, half=half, vanilla_half=target_half, timing=timing, methods={})
     for name, run in runs.items():
         gb = toy['global_batch']
         ckpt = os.path.join(run, 'checkpoints', f'{args.steps:07d}.pt')
@@ -148,10 +176,10 @@ def main(argv=None):
         noise, y = sample.draw_inputs(range(args.path_samples), args.seed, sit.noise_shapes(model, shape),
                                       meta['num_classes'])
         ordinary, shifted = sit.ode_path_length(model, noise, y, num_steps=args.sample_steps)
-        reached = [s for s, fd in sorted(curves[name].items()) if fd <= target]
         summary['methods'][name] = dict(
             fd={str(s): v for s, v in sorted(curves[name].items())}, final=curves[name][args.steps],
-            steps_to_vanilla_final=reached[0] if reached else None,
+            steps_to_vanilla_final=steps_to(curves[name], target),
+            steps_to_vanilla_half=steps_to(curves[name], target_half),
             ms_per_step=ms_per_step(run, gb),
             ms_per_step_phases=[ms_per_step(run, gb, 0, tau), ms_per_step(run, gb, tau)] if name == 'haste' else None,
             path_length=ordinary.mean().item(), path_length_shifted=shifted.mean().item())
@@ -164,23 +192,33 @@ def main(argv=None):
     for path in sorted(glob.glob(os.path.join(args.out, 'seed*', 'summary.json'))):
         with open(path) as f:
             s = json.load(f)
-        seeds += [s] if (s['steps'], s['protocol'][:4], s['num_samples']) == (
-            args.steps, sampler[:4], args.num_samples) else []
-    half = min((int(k) for k in summary['methods']['vanilla']['fd']), key=lambda k: abs(k - args.steps // 2))
-    rows = [f"toy FD, {len(seeds)} seed(s) ({', '.join(str(s['seed']) for s in seeds)}), {args.steps} steps, "
+        seeds += [s] if (s['steps'], s['protocol'][:4], s['num_samples'], s['background']) == (
+            args.steps, sampler[:4], args.num_samples, args.background) else []
+    rows = [f"toy FD ({args.background} background), {len(seeds)} seed(s) "
+            f"({', '.join(str(s['seed']) for s in seeds)}), {args.steps} steps, "
             f"ODE Euler {args.sample_steps} steps, no guidance, {args.num_samples} samples per checkpoint; "
-            f"mean +- sd over seeds", '',
-            f'| method | FD at {half} | final FD (step {args.steps}) | steps to vanilla\'s final FD (per seed) '
-            f'| ms / step | ODE path length (shifted) |', '|---|---:|---:|---|---:|---:|']
+            f"mean +- sd over seeds; steps to a target interpolated between checkpoints (log FD)", '',
+            f'| method | FD at {half} | final FD (step {args.steps}) | steps to vanilla\'s FD at {half} '
+            f'| steps to vanilla\'s final FD (per seed) | ms / step | ODE path length (shifted) |',
+            '|---|---:|---:|---:|---|---:|---:|']
     for name in METHODS:
         ms = [s['methods'][name] for s in seeds]
-        reach = ', '.join(str(m['steps_to_vanilla_final'] or 'never') for m in ms)
-        phases = (' (I ' + mean_sd([m['ms_per_step_phases'][0] for m in ms]) + ', II '
-                  + mean_sd([m['ms_per_step_phases'][1] for m in ms]) + ')') if name == 'haste' else ''
+        reach = ', '.join('never' if m['steps_to_vanilla_final'] is None else f"{m['steps_to_vanilla_final']:.0f}"
+                          for m in ms)
+        phases = (' (I ' + mean_sd([m['ms_per_step_phases'][0] for m in ms], '.0f') + ', II '
+                  + mean_sd([m['ms_per_step_phases'][1] for m in ms], '.0f') + ')') if name == 'haste' else ''
         shifted = f" ({mean_sd([m['path_length_shifted'] for m in ms])})" if name == 'carflow' else ''
         rows.append(f"| {name} | {mean_sd([m['fd'][str(half)] for m in ms])} | {mean_sd([m['final'] for m in ms])} "
-                    f"| {reach} | {mean_sd([m['ms_per_step'] for m in ms])}{phases} "
+                    f"| {mean_sd([m['steps_to_vanilla_half'] for m in ms], '.0f')} "
+                    f"| {reach} | {mean_sd([m['ms_per_step'] for m in ms], '.0f')}{phases} "
                     f"| {mean_sd([m['path_length'] for m in ms])}{shifted} |")
+    # every checkpoint, mean +- sd over seeds: the whole curve in numbers (HASTE's around tau among them)
+    steps = sorted(int(k) for k in summary['methods']['vanilla']['fd'])
+    rows += ['', f'toy FD at every checkpoint, mean +- sd over {len(seeds)} seed(s) (HASTE stops aligning at {tau})',
+             '',
+             '| method | ' + ' | '.join(map(str, steps)) + ' |', '|---|' + '---:|' * len(steps)]
+    rows += [f'| {name} | ' + ' | '.join(mean_sd([s['methods'][name]['fd'][str(k)] for s in seeds]) for k in steps)
+             + ' |' for name in METHODS]
     table = '\n'.join(rows) + '\n'
     with open(os.path.join(args.out, 'toy_lab.md'), 'w') as f:
         f.write(table)
@@ -198,8 +236,8 @@ def main(argv=None):
     ax.axvline(tau, color='grey', ls=':', lw=1)
     ax.text(tau, ax.get_ylim()[1], ' HASTE tau', va='top', fontsize=8, color='grey')
     ax.set(xlabel='training step', ylabel='toy FD', yscale='log',
-           title=f'toy lab: SiT-T/2, {len(seeds)} seed(s) (mean, band min-max), ODE Euler {args.sample_steps}, '
-                 f'no CFG, {args.num_samples} samples')
+           title=f'toy lab ({args.background} background): SiT-T/2, {len(seeds)} seed(s) (mean, band min-max), '
+                 f'ODE Euler {args.sample_steps}, no CFG, {args.num_samples} samples')
     ax.title.set_fontsize(9)
     ax.grid(alpha=0.3)
     ax.legend()

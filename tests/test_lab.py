@@ -64,6 +64,16 @@ def test_ode_path_length_sums_the_euler_steps():
     torch.testing.assert_close(x[:, :192].reshape(3, 3, 8, 8), sit.sample(model, [z, c], y, mode='ode', num_steps=4))
 
 
+def test_steps_to_interpolates_in_log_fd():
+    curve = {50: 4.0, 100: 1.0, 150: 0.5}
+    assert lab.steps_to(curve, 2.0) == pytest.approx(75)        # log 2 is half-way from log 4 to log 1
+    assert lab.steps_to(curve, 0.5 ** 0.5) == pytest.approx(125)
+    assert lab.steps_to(curve, 4.0) == 50 and lab.steps_to(curve, 9.0) == 50   # reached at the first checkpoint
+    assert lab.steps_to(curve, 1.0) == pytest.approx(100)
+    assert lab.steps_to(curve, 0.4) is None                                   # never within the run
+    assert lab.steps_to({50: 3.0, 100: 1.0, 150: 2.0}, 1.5) == pytest.approx(50 + 50 * np.log(2) / np.log(3))
+
+
 def test_lab_end_to_end(toy, tmp_path, capsys):
     """lab.py on 4 steps and 8 samples: five runs scored at every checkpoint, the summary, the table and both
     figures; a rerun trains and scores nothing again."""
@@ -85,10 +95,12 @@ def test_lab_end_to_end(toy, tmp_path, capsys):
         assert all(r['protocol']['mode'] == 'ode' and r['protocol']['num_steps'] == 2 and r['num_samples'] == 8
                    and r['protocol']['cfg_scale'] == 1.0 for r in recs)
         assert m['final'] == m['fd']['4'] and m['ms_per_step'] > 0 and m['path_length'] > 0
-        reached = [k for k, v in m['fd'].items() if v <= s['vanilla_final']]
-        assert m['steps_to_vanilla_final'] == (int(reached[0]) if reached else None)
+        curve = {int(k): v for k, v in m['fd'].items()}
+        assert m['steps_to_vanilla_final'] == lab.steps_to(curve, s['vanilla_final'])
+        assert m['steps_to_vanilla_half'] == lab.steps_to(curve, s['vanilla_half'])
         if name != 'carflow':
             assert m['path_length_shifted'] == pytest.approx(m['path_length'])
+    assert s['half'] == 2 and s['methods']['vanilla']['steps_to_vanilla_half'] <= 2
     assert s['methods']['vanilla']['steps_to_vanilla_final'] <= 4 and len(s['methods']['haste']['ms_per_step_phases']) == 2
     for f in ('seed0/fd_toy.png', 'seed0/fd_toy.md', 'seed0/summary.json', 'toy_lab.png', 'toy_lab.md'):
         assert (out / f).stat().st_size > 0, f
@@ -99,6 +111,12 @@ def test_lab_end_to_end(toy, tmp_path, capsys):
     assert 'nothing to score' in (out / 'seed0' / 'score_reg.log').read_text()
 
 
-def test_lab_bad_flags(tmp_path):
+def test_lab_bad_flags(toy, tmp_path):
     assert '--num-samples' in one_line_error(lab.main, ['--num-samples', '1', '--out', str(tmp_path / 'x')])
     assert not (tmp_path / 'x').exists()
+    data = tmp_path / 'toy'
+    shutil.copytree(toy, data)
+    for f in ('teacher.json', 'fd.json'):
+        (data / f).write_text('{}')                                # present (lab.py makes nothing), never read
+    msg = one_line_error(lab.main, ['--data', str(data), '--background', 'textured', '--out', str(tmp_path / 'x')])
+    assert 'plain background' in msg and '--background plain' in msg and not (tmp_path / 'x').exists()
