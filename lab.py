@@ -236,8 +236,8 @@ def main(argv=None):
     ax.axvline(tau, color='grey', ls=':', lw=1)
     ax.text(tau, ax.get_ylim()[1], ' HASTE tau', va='top', fontsize=8, color='grey')
     ax.set(xlabel='training step', ylabel='toy FD', yscale='log',
-           title=f'toy lab ({args.background} background): SiT-T/2, {len(seeds)} seed(s) (mean, band min-max), '
-                 f'ODE Euler {args.sample_steps}, no CFG, {args.num_samples} samples')
+           title=f'toy lab ({args.background} background): SiT-T/2, {len(seeds)} seed(s) (mean, band min-max)\n'
+                 f'toy FD of {args.num_samples} samples, ODE Euler {args.sample_steps} steps, no CFG')
     ax.title.set_fontsize(9)
     ax.grid(alpha=0.3)
     ax.legend()
