@@ -73,7 +73,7 @@ def steps_to(curve, target):
     prev = None
     for step, fd in sorted(curve.items()):
         if fd <= target:
-            if prev is None or prev[1] <= target or prev[1] == fd:
+            if prev is None:
                 return float(step)
             s0, f0 = prev
             return s0 + (step - s0) * (np.log(f0) - np.log(target)) / (np.log(f0) - np.log(fd))
