@@ -32,7 +32,6 @@ import copy
 import datetime
 import fcntl
 import hashlib
-import io
 import json
 import os
 import re
@@ -54,23 +53,17 @@ NOT_HERE = {'--ckpt': 'name run folders (their checkpoints/*.pt) before the flag
             '--grid': 'preview grids are sample.py --grid', '--classes': 'preview grids are sample.py --grid'}
 
 
-def sampler_help():
-    """sample.py's own --help options, for ours (the sampler flags are its flags, parsed by sample.parse_args)."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
-        sample.parse_args(['--help'])
-    text = out.getvalue()
-    blocks = re.split(r'\n(?=  -)', text[text.find('options:'):])[1:]  # one block per flag, with its help lines
-    drop = ('-h,', '--ckpt ', '--num-samples ', '--grid ', '--classes ')  # ours, or not for evaluation
-    return ("sampler flags (sample.py's, parsed by it, same defaults; --sample-dir D puts the samples in "
-            "D/RUN-eval-HASH):\n" + '\n'.join(b for b in blocks if not b.lstrip().startswith(drop)))
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's two-line usage error, as one line
+        sit.fail(f"{message} (evaluate.py takes its own flags and sample.py's sampler flags, after the run folders; "
+                 f"see --help)")
 
 
-def parse_args(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                usage='%(prog)s RUN [RUN ...] (--ref REF | --plot) [options] [sampler flags]',
-                                allow_abbrev=False, epilog=sampler_help() if {'-h', '--help'} & set(argv) else None)
+def make_parser(sampler=True):
+    """evaluate.py's flags and, with sampler=True, sample.py's sampler flags (sample.add_sampler_flags: the same
+    flags, defaults and protocols; --plot takes none)."""
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
+               usage='%(prog)s RUN [RUN ...] (--ref REF | --plot) [options] [sampler flags]')
     p.add_argument('--ref', help='reference images or statistics, any fid.py REF (VIRTUAL_imagenet256_labeled.npz)')
     p.add_argument('--num-samples', type=int, default=10_000, help='per checkpoint (10K: curves; 50K: final numbers)')
     p.add_argument('--steps', default='all', help="which checkpoints: all, last (the newest) or steps 'N,N,...'")
@@ -90,8 +83,25 @@ def parse_args(argv=None):
     p.add_argument('--metric', default='fid', help=f"--plot: one of {', '.join(METRICS)}")
     p.add_argument('--out', help='--plot: figure path (default eval_METRIC.png); the table goes beside it as .md')
     p.add_argument('--log', action='store_true', help='--plot: log y axis (late differences of a falling FD show)')
+    if sampler:
+        sample.add_sampler_flags(p.add_argument_group(
+            "sampler flags (sample.py's, same defaults; --sample-dir D puts the samples in D/RUN-eval-HASH)"), own=False)
+    return p
+
+
+def parse_args(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     first = next((i for i, a in enumerate(argv) if a.startswith('-')), len(argv))
-    runs, (args, rest) = argv[:first], p.parse_known_args(argv[first:])
+    runs, flags = argv[:first], argv[first:]
+    if '--plot' in flags:  # draws what is recorded: evaluate.py's own flags only
+        args, rest = make_parser(sampler=False).parse_known_args(flags)
+        if rest:
+            sit.fail(f"--plot draws existing records and takes no sampler flags (got {' '.join(rest)})")
+    else:
+        for flag, why in NOT_HERE.items():  # before argparse, which would only say "unrecognized arguments"
+            if any(a == flag or a.startswith(flag + '=') for a in flags):
+                sit.fail(f'evaluate.py does not take {flag}: {why}')
+        args = make_parser().parse_args(flags)
     args.runs = [r.rstrip('/') or '/' for r in runs]
     if not args.runs:
         sit.fail('name at least one run folder first: evaluate.py RUN [RUN ...] --ref REF [flags]')
@@ -99,16 +109,16 @@ def parse_args(argv=None):
         if not os.path.isdir(r):
             sit.fail(f"run folder '{r}' does not exist")
     if args.plot:
-        if rest:
-            sit.fail(f"--plot draws existing records and takes no sampler flags (got {' '.join(rest)})")
-        return args, None
+        return args
     # -------------------------------------------------------------------------
     # everything that can fail, before any model is built or sample written
-    for flag, why in NOT_HERE.items():
-        if any(a == flag or a.startswith(flag + '=') for a in rest):
-            sit.fail(f'evaluate.py does not take {flag}: {why}')
     if args.num_samples < 2:
         sit.fail('--num-samples must be at least 2 (a covariance needs two samples; 10000 or 50000 as the papers)')
+    # the sample count is evaluate.py's own flag, part of a record's key: neither a protocol setting nor an override
+    num_samples = args.num_samples
+    del args.num_samples
+    sample.resolve_sampler_flags(args)
+    args.num_samples = num_samples
     args.features = [k.strip() for k in args.features.split(',') if k.strip()]
     bad = [k for k in args.features if k not in fid.STATS_KEYS]
     if bad or not args.features:
@@ -127,25 +137,13 @@ def parse_args(argv=None):
     for kind in args.features:
         try:
             fid.check_input(args.ref, kind)
-        except SystemExit as e:  # fid.py's own one line, in this script's form
+        except SystemExit as e:  # fid.py stands alone (no sit.fail): its own one line, in this script's form
             sit.fail(str(e.code).removeprefix('fid.py: '))
-    err = io.StringIO()
-    try:  # a placeholder --ckpt (each checkpoint is set later); argparse's two-line usage error becomes one line
-        with contextlib.redirect_stderr(err):
-            sargs = sample.parse_args(rest + ['--ckpt', 'checkpoint.pt'])
-        # the sample count is evaluate.py's own flag, part of the record's key: not a protocol override
-        sargs.num_samples = args.num_samples
-    except SystemExit as e:
-        if e.code != 2:  # sit.fail's own line
-            raise
-        why = err.getvalue().strip().splitlines()[-1].split('error: ', 1)[-1]
-        sit.fail(f"{why} (evaluate.py takes its own flags and sample.py's sampler flags, after the run folders; "
-                 f"see --help)")
     for r in args.runs:
         if not checkpoints(r) and not (args.watch and os.path.isfile(os.path.join(r, 'config.json'))):
             sit.fail(f"no checkpoints in '{r}/checkpoints'" + ('' if args.watch else
                      ' (a run still before its first checkpoint: add --watch)'))
-    return args, sargs
+    return args
 
 
 # -----------------------------------------------------------------------------
@@ -214,17 +212,35 @@ def record_key(rec):
                        rec['num_samples']], sort_keys=True)
 
 
+_warned = set()  # torn lines already reported by this process (records are read again and again)
+
+
 def read_records(run):
+    """RUN/eval.jsonl's records. A line that is not a whole record (a partial append on a full disk, a write lost on a
+    network file system) is skipped with one warning line: the records before and after it still count, and its
+    checkpoint, having no record, is scored again."""
     path = os.path.join(run, 'eval.jsonl')
     if not os.path.isfile(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    records = []
+    with open(path, errors='replace') as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                if (path, n) not in _warned:
+                    _warned.add((path, n))
+                    print(f"warning: {path} line {n} is not a complete record (a torn write?); skipped, its checkpoint "
+                          f"counts as not scored", file=sys.stderr, flush=True)
+    return records
 
 
 def append_record(run, rec):
     """Append one line, unless a record with its key is there. One write() of the whole line, then fsync, under
-    an exclusive lock that also covers the check: two evaluators of the same run never write a key twice."""
+    an exclusive lock that also covers the check: two evaluators of the same run never write a key twice. After a
+    torn last line (no newline) the record starts on a fresh line, so it is never glued to the torn one."""
     path = os.path.join(run, 'eval.jsonl')
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
     try:
@@ -232,7 +248,9 @@ def append_record(run, rec):
         key = record_key(rec)
         if any(record_key(r) == key for r in read_records(run)):
             return False
-        os.write(fd, (json.dumps(rec) + '\n').encode())
+        size = os.fstat(fd).st_size
+        fresh = '\n' if size and os.pread(fd, 1, size - 1) != b'\n' else ''
+        os.write(fd, (fresh + json.dumps(rec) + '\n').encode())
         os.fsync(fd)
         return True
     finally:
@@ -255,10 +273,10 @@ def score(folder, args, device):
     return metrics, notes
 
 
-def evaluate_runs(args, sargs):
+def evaluate_runs(args):
     rank, world, device = sit.setup_distributed()
     log = print if rank == 0 else (lambda *a, **k: None)
-    protocol = sample.sampling_protocol(sargs)
+    protocol = sample.sampling_protocol(args)
     phash = hashlib.sha1(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:10]
     ref, code = None, None
     if rank == 0:
@@ -271,8 +289,8 @@ def evaluate_runs(args, sargs):
     stop = sit.StopFlag()  # one for the whole job: sample_for_evaluation uses it too
 
     def sample_dir(run):
-        return (os.path.join(sargs.sample_dir, f'{os.path.basename(os.path.abspath(run))}-eval-{phash}')
-                if sargs.sample_dir else os.path.join(run, 'samples', f'eval-{phash}'))
+        return (os.path.join(args.sample_dir, f'{os.path.basename(os.path.abspath(run))}-eval-{phash}')
+                if args.sample_dir else os.path.join(run, 'samples', f'eval-{phash}'))
 
     def todo():
         """Rank 0: [(run, step, path)] still to score, and whether every run has its last checkpoint scored."""
@@ -310,7 +328,7 @@ def evaluate_runs(args, sargs):
         for n, (run, step, path) in enumerate(work):
             if stop():  # all ranks ask at the same point, so a signal seen by any rank stops them together
                 break
-            a = copy.copy(sargs)
+            a = copy.copy(args)
             a.ckpt, a.sample_dir = path, sample_dir(run)
             t0 = time.time()
             folder, complete = sample.sample_for_evaluation(a, rank, world, device, stop=stop,
@@ -461,10 +479,10 @@ def plot(args):
 
 
 def main(argv=None):
-    args, sargs = parse_args(argv)
+    args = parse_args(argv)
     if args.plot:
         return plot(args)
-    evaluate_runs(args, sargs)
+    evaluate_runs(args)
 
 
 if __name__ == '__main__':

@@ -17,26 +17,24 @@ evaluate.py's figure of this seed), and over every seed in OUT: OUT/toy_lab.png 
 """
 import argparse
 import glob
+import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 import numpy as np
+import torch
 
 import evaluate
 import prepare
 import sample
 import sit
-import train_carflow
-import train_haste
-import train_reg
-import train_repa
-import train_vanilla
 
-METHODS = dict(vanilla=train_vanilla, repa=train_repa, haste=train_haste, reg=train_reg, carflow=train_carflow)
+HERE = os.path.dirname(os.path.abspath(__file__))
+METHODS = {m: os.path.join(HERE, f'train_{m}.py') for m in ('vanilla', 'repa', 'haste', 'reg', 'carflow')}
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument('--seed', type=int, default=0, help='training seed of every method and the sampling seed')
@@ -51,6 +49,39 @@ p.add_argument('--background', default='plain', choices=prepare.TOY_BACKGROUNDS,
                help="prepare.py toy's --background; textured is the harder variant (give it its own --data, --out)")
 p.add_argument('--out', default='runs/lab')
 p.add_argument('--jobs', type=int, default=2, help='processes at a time (one thread each)')
+
+
+def read_script(path):
+    """A training script's (config, presets): imported from its path (importing a script starts no training)."""
+    spec = importlib.util.spec_from_file_location(f'lab_{os.path.splitext(os.path.basename(path))[0]}', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.config, module.presets
+
+
+@torch.no_grad()
+def ode_path_length(model, noise, y, num_steps=50):
+    """Length of each sample's trajectory under sit.sample's Euler ODE without guidance, t = 1 -> 0: the sum over
+    steps of |x_{k+1} - x_k| (L2 over the latent's C*H*W values) -> (ordinary, shifted), (N,) each. ordinary is
+    measured where the images live (from eps to the sample); shifted where CAR-Flow's network integrates,
+    z_t = x_t + mu_t(y), from eps + mu0 to x + mu1 (its paper's "shorter paths" are these); for a model without
+    shifts the two are equal. noise as sit.sample's; a REG class token is integrated along and not counted."""
+    noise = list(noise) if isinstance(noise, (list, tuple)) else [noise]
+    n = math.prod(noise[0].shape[1:])
+    shifts = getattr(model, 'has_shifts', False)
+    net, x = sit.ShiftsOnce(model) if shifts else model, noise[0].float()
+    if len(noise) == 2:
+        net, x = sit.JointState(model, noise[0].shape[1:], 1.0), torch.cat([x.flatten(1), noise[1]], dim=1)
+    mu0, mu1 = model.shifts(y) if shifts else (0.0, 0.0)
+    dmu = ((mu0 - mu1) * torch.ones_like(noise[0])).flatten(1)              # (N, C*H*W): dz = dx + dt (mu0 - mu1)
+    ordinary, shifted = torch.zeros(len(x)), torch.zeros(len(x))
+    ts = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64).tolist()  # euler_sampler's grid
+    for t_cur, t_next in zip(ts[:-1], ts[1:]):
+        dx = (t_next - t_cur) * sit.guided_velocity(net, x, t_cur, y)           # (N, ...) one Euler step
+        ordinary += dx.flatten(1)[:, :n].norm(dim=1).cpu()
+        shifted += (dx.flatten(1)[:, :n] + (t_next - t_cur) * dmu).norm(dim=1).cpu()
+        x = x + dx
+    return ordinary, shifted
 
 
 def fd_curve(run):
@@ -123,17 +154,17 @@ def main(argv=None):
     # better than one process with 2 threads, and far better on a shared machine); then every checkpoint of every
     # run scored under one protocol with the toy FD. A finished run or score is skipped when rerun.
     runs = {m: os.path.join(seed_dir, m) for m in METHODS}
-    toy = train_vanilla.presets['toy']
-    tau = round(train_haste.presets['toy']['tau'] * args.steps / toy['max_steps'])  # the preset's tau / max_steps
-    train = {m: [f'train_{m}.py', '--preset', 'toy', '--data-path', args.data, '--out', runs[m], '--seed',
+    toy = read_script(METHODS['vanilla'])[1]['toy']
+    tau = round(read_script(METHODS['haste'])[1]['toy']['tau'] * args.steps / toy['max_steps'])  # as a share of the run
+    train = {m: [METHODS[m], '--preset', 'toy', '--data-path', args.data, '--out', runs[m], '--seed',
                  str(args.seed), '--max-steps', str(args.steps), '--ckpt-every', str(args.ckpt_every),
                  '--sample-every', '0', '--log-every', str(min(toy['log_every'], args.ckpt_every))]
              + (['--tau', str(tau)] if m == 'haste' else []) for m in METHODS}
     sampler = ['--mode', 'ode', '--num-steps', str(args.sample_steps), '--seed', str(args.seed), '--batch-size', '250']
-    score = {m: ['evaluate.py', runs[m], '--ref', os.path.join(args.data, 'fd_ref.npz'), '--features', 'toy',
+    score = {m: [os.path.join(HERE, 'evaluate.py'), runs[m], '--ref', os.path.join(args.data, 'fd_ref.npz'), '--features', 'toy',
                  '--num-samples', str(args.num_samples), *sampler] for m in METHODS}
     jobs = [(f'train {m}', train[m]) for m in METHODS] + [(f'score {m}', score[m]) for m in METHODS]
-    here, running, done = os.path.dirname(os.path.abspath(__file__)), {}, 0
+    running, done = {}, 0
     os.makedirs(seed_dir, exist_ok=True)
     while jobs or running:
         # a run is scored only once it is trained: scoring jobs wait for their training job
@@ -141,7 +172,7 @@ def main(argv=None):
                 n == 'train ' + jobs[0][0][6:] for n in running)):
             name, cmd = jobs.pop(0)
             log = open(os.path.join(seed_dir, name.replace(' ', '_') + '.log'), 'w')
-            proc = subprocess.Popen([sys.executable, os.path.join(here, cmd[0]), *cmd[1:]], stdout=log,
+            proc = subprocess.Popen([sys.executable, *cmd], stdout=log,
                                     stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS='1'))
             running[name] = (proc, log, time.time())
             print(f'[lab] {name} started (log {log.name})', flush=True)
@@ -169,13 +200,12 @@ def main(argv=None):
     for name, run in runs.items():
         gb = toy['global_batch']
         ckpt = os.path.join(run, 'checkpoints', f'{args.steps:07d}.pt')
-        model, meta, *_ = sample.load_model(SimpleNamespace(ckpt=ckpt, model=None, weights='ema', data_path=args.data,
-                                                            cfg_scale=1.0, sit_convention=False))
+        model, meta, *_ = sample.load_model(ckpt, data_path=args.data)
         shape = (meta['latent_channels'], meta['latent_size'], meta['latent_size'])
         # sample.py's noise and labels: the same latent noise for every method (REG's token noise drawn after it)
         noise, y = sample.draw_inputs(range(args.path_samples), args.seed, sit.noise_shapes(model, shape),
                                       meta['num_classes'])
-        ordinary, shifted = sit.ode_path_length(model, noise, y, num_steps=args.sample_steps)
+        ordinary, shifted = ode_path_length(model, noise, y, num_steps=args.sample_steps)
         summary['methods'][name] = dict(
             fd={str(s): v for s, v in sorted(curves[name].items())}, final=curves[name][args.steps],
             steps_to_vanilla_final=steps_to(curves[name], target),

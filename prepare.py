@@ -333,16 +333,74 @@ def prepare_toy_fd(out, seed=0):
 # -----------------------------------------------------------------------------
 # ImageNet (any ImageFolder) -> images + VAE moments, sharded over ranks, resumable
 
+def per_channel(value, C, what, positive=False):
+    """One number, or C numbers in any nesting ((C,), (1, C, 1, 1), ...) -> a list of C floats, or one line."""
+    try:
+        flat = torch.as_tensor(value, dtype=torch.float64).flatten()
+    except (TypeError, ValueError, RuntimeError):  # None, a string, ragged lists
+        flat = None
+    if flat is None or flat.numel() not in (1, C) or not torch.isfinite(flat).all() or (positive and (flat <= 0).any()):
+        sit.fail(f"VAE: {what} must be one {'positive ' if positive else ''}number or {C} (one per latent channel), "
+             f"got {str(value)[:80]}")
+    return flat.expand(C).tolist()
+
+
+def read_mean_std(path, C):
+    """ReaLS's mean_std.json. Its layout is documented nowhere (the ReaLS repository has no code, the folder is on
+    Google Drive), so the readings that fit its name are accepted: {"mean": ..., "std": ...} or diffusers' key
+    names {"latents_mean": ..., "latents_std": ...}, each one number or one per channel."""
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, ValueError) as e:
+        sit.fail(f"VAE: cannot read {path} ({type(e).__name__}: {str(e)[:80]})")
+    keys = next((k for k in (('mean', 'std'), ('latents_mean', 'latents_std')) if isinstance(d, dict)
+                 and all(x in d for x in k)), None)
+    if keys is None:
+        sit.fail(f"VAE: {path} holds {sorted(d) if isinstance(d, dict) else type(d).__name__}; expected "
+             f'{{"mean": [...], "std": [...]}} with one number or {C} (one per latent channel) each')
+    return (per_channel(d[keys[0]], C, f'{path} {keys[0]}'),
+            per_channel(d[keys[1]], C, f'{path} {keys[1]}', positive=True))
+
+
+def shipped_norm(vae):
+    """The normalisation a VAE ships, as dataset.json fields (see sit.latent_norm), first found of:
+      mean_std.json beside the weights (ReaLS): (z - mean) / std, latent_scale 1. ReaLS does not say how its SiT
+        normalised latents; a standardised latent is what the file offers. The config's scaling_factor is not
+        applied on top: diffusers writes its default 0.18215 into every config, used or not
+      latents_mean / latents_std in config.json: (z - mean) / std * scaling_factor, as diffusers' SDXL pipeline
+      scaling_factor and shift_factor: (z - shift_factor) * scaling_factor (SD: no shift; SD3, FLUX: a shift)
+    vae: a sit.load_vae result (its config, folder and source say where it came from)."""
+    cfg, folder, C, where = vae.config, vae.folder, vae.latent_channels, vae.source
+    path = os.path.join(folder, 'mean_std.json') if folder else None
+    if path and os.path.isfile(path):
+        mean, std = read_mean_std(path, C)
+        return {'latent_mean': mean, 'latent_std': std, 'latent_scale': 1.0, 'latent_norm_from': path}
+    scale = per_channel(cfg.get('scaling_factor', sit.VAE_SCALE), 1, f'{where} scaling_factor', positive=True)[0]
+    if cfg.get('latents_mean') is not None or cfg.get('latents_std') is not None:
+        if cfg.get('shift_factor'):
+            sit.fail(f"VAE: {where} sets both shift_factor and latents_mean / latents_std; keep one normalisation")
+        return {'latent_mean': per_channel(cfg.get('latents_mean'), C, f'{where} latents_mean'),
+                'latent_std': per_channel(cfg.get('latents_std'), C, f'{where} latents_std', positive=True),
+                'latent_scale': scale, 'latent_norm_from': f'{where}: latents_mean, latents_std, scaling_factor'}
+    shift = per_channel(cfg.get('shift_factor') or 0.0, 1, f'{where} shift_factor')[0]
+    return {'latent_scale': scale, 'latent_shift': shift, 'latent_norm_from': f'{where}: scaling_factor, shift_factor'}
+
+
 @torch.no_grad()
 def vae_encode_moments(vae, images, batch_size=32):
-    """uint8 images (N, 3, H, W) -> float32 moments cat[mean, std] (N, 2C, H/f, W/f) on CPU."""
+    """uint8 images (N, 3, H, W) -> float32 moments cat[mean, std] (N, 2C, H/f, W/f) on CPU: the encoder's half of
+    sit.AutoencoderKL (diffusers' encode().latent_dist, unscaled)."""
     device = next(vae.parameters()).device
     out = []
     for xb in torch.as_tensor(images).split(batch_size):
         x = xb.to(device, torch.float32) / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
         # no autocast: these moments become the training set, computed once; bf16 would keep ~3 digits (cuDNN may
         # still use TF32 convolutions on Ampere+ unless torch.backends.cudnn.allow_tf32 is off, as in REPA's run)
-        out.append(vae.encode_moments(x).float().cpu())  # (B, 2C, H/f, W/f)
+        h = vae.encoder(x)  # (B, 2C, H/f, W/f)
+        mean, logvar = (h if vae.quant_conv is None else vae.quant_conv(h)).chunk(2, dim=1)  # (B, C, H/f, W/f)
+        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))  # clamped as diffusers; the latent is mean + std * eps
+        out.append(torch.cat([mean, std], dim=1).float().cpu())  # (B, 2C, H/f, W/f)
     return torch.cat(out)
 
 
@@ -473,6 +531,7 @@ def prepare_imagenet(args):
             print(f"'{out}' is already prepared (dataset.json exists); delete the folder to prepare it again")
         return
     vae = sit.load_vae(args.vae, device)  # before the long file check: a wrong --vae fails at once
+    shipped = shipped_norm(vae)  # and so does a normalisation file it cannot read
     down, C = vae.factor, vae.latent_channels
     if R % down:
         sit.fail(f'--resolution must be a multiple of {down} (the VAE downsamples {down}x), got {R}')
@@ -584,7 +643,7 @@ def prepare_imagenet(args):
             dist.destroy_process_group()
         return
     # every rank takes part in computing the statistics (they add up over ranks); then rank 0 checks and writes
-    norm = vae.latent_norm if args.latent_norm == 'vae' else channel_stats(out, rank, world, device)
+    norm = shipped if args.latent_norm == 'vae' else channel_stats(out, rank, world, device)
     if rank == 0:
         missing = nchunks - len(_done_chunks(out))
         if missing:

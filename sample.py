@@ -25,10 +25,15 @@ are part of the output folder's name, so samples of different protocols never mi
 Reruns with the same settings resume: indices whose PNG exists are skipped (PNGs are written atomically).
 The output depends on (checkpoint, settings, --seed, --batch-size), not on the number of processes.
 """
+# As a library (evaluate.py and lab.py use it): load_model(ckpt, weights=..., data_path=...) -> Loaded(model, meta,
+# weights, what); add_sampler_flags(parser) and resolve_sampler_flags(args) give another tool these sampler flags and
+# protocols; sample_for_evaluation(args, rank, world, device) writes the samples; draw_inputs(indices, seed, ...)
+# gives the noise and labels of given sample indices.
 import argparse
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -42,96 +47,100 @@ IMAGENET = dict(resolution=256, autoencoder='stabilityai/sd-vae-ft-ema', latent_
 
 # -----------------------------------------------------------------------------
 # Evaluation protocols by name: every sampling flag of the evaluation behind a published number. The decoder
-# (sd-vae-ft-ema) and the latent scale come with the checkpoint's dataset, not from here. Sources are the official
-# scripts (repository, file:line) or the paper. A value UNPUBLISHED must be given on the command line.
+# (sd-vae-ft-ema) and the latent scale come with the checkpoint's dataset, not from here. Each entry's source (the
+# official script, file and line, or the paper) is in docs/reproducing.md. A value UNPUBLISHED must be given.
 UNPUBLISHED = 'unpublished'
-# what all of them share: REPA's generate.py as its README runs it (sihyun-yu/REPA README.md:123-135): 50K samples,
-# uniform random labels, EMA weights, fp32 network and decoder, truncated pixels (generate.py:151-154), SDE 250
+# what all of them share: REPA's generate.py as its README runs it: 50K samples, uniform random labels, EMA
+# weights, fp32 network and decoder, truncated pixels, SDE with 250 Euler-Maruyama steps, no guidance
 _OFFICIAL = dict(weights='ema', num_samples=50_000, class_balanced=False, mode='sde', num_steps=250, heun=False,
                  cfg_scale=1.0, cfg_channels=0, guidance_low=0.0, guidance_high=1.0, cls_cfg_scale=None, round=False,
                  bf16=False)
 PROTOCOLS = {
-    # REPA SiT-XL/2 4M, FID 1.42: sihyun-yu/REPA README.md:132-135 (--mode=sde --num-steps=250 --cfg-scale=1.8
-    # --guidance-high=0.7)
-    'repa': dict(_OFFICIAL, cfg_scale=1.8, guidance_high=0.7),
-    # the tables without guidance (REPA Sec. 4 / Table 2 "w/o CFG", HASTE's and REG's no-CFG rows, SiT-B/2 400K):
-    # the same generate.py command with --cfg-scale 1 (its own default is 1.5: generate.py:201)
-    'repa-nocfg': dict(_OFFICIAL),
-    # HASTE SiT-XL/2 2.5M: NUS-HPC-AI-Lab/HASTE README.md, "Evaluation / ImageNet 256x256" (REPA's generate.py with
-    # --mode=sde --num-steps=250 --cfg-scale=1.65 --guidance-high=0.72 --guidance-low=0.0)
-    'haste': dict(_OFFICIAL, cfg_scale=1.65, guidance_high=0.72),
-    # REG SiT-XL/2 4M, FID 1.36: Martinser/REG eval.sh:7-11 (NUM_STEP=250, CFG_SCALE=2.3, CLS_CFG_SCALE=2.3, GH=0.85)
-    # and eval.sh:23 (--mode=sde); both scales set, generate.py:213 would default the token's to 1.5
+    'repa': dict(_OFFICIAL, cfg_scale=1.8, guidance_high=0.7),          # REPA SiT-XL/2 4M: FID 1.42
+    'repa-nocfg': dict(_OFFICIAL),  # the no-CFG tables: REPA's (SiT-XL/2 7.9 at 400K), HASTE's and REG's rows
+    'haste': dict(_OFFICIAL, cfg_scale=1.65, guidance_high=0.72),       # HASTE SiT-XL/2 2.5M
+    # REG SiT-XL/2 4M: FID 1.36; both scales set (REG's generate.py would default the token's to 1.5)
     'reg': dict(_OFFICIAL, cfg_scale=2.3, cls_cfg_scale=2.3, guidance_high=0.85),
-    # SiT-XL/2 7M, FID 2.06 (SiT paper, arXiv 2401.08740, ImageNet 256 benchmark table: SDE, cfg = 1.5): willisma/SiT
-    # sample_ddp.py:217 (--num-sampling-steps 250), train_utils.py:24-31 (SDE: Euler, diffusion form sigma, norm 1,
-    # last step Mean, 0.04), models.py:261 (CFG on the first 3 channels), sample_ddp.py:119-120 (no interval,
-    # guidance iff scale > 1), sample_ddp.py:178 (pixels clamp(127.5 x + 128) truncated = rounded to nearest).
+    # SiT-XL/2 7M: FID 2.06: SiT's Euler SDE (= REPA's), CFG on the first 3 channels, no interval, pixels rounded.
     # Not --sit-convention: that is a property of SiT's released weights (pass it for SiT-XL-2-256.pt), not of the
     # protocol; our checkpoints, trained in REPA's direction, take the same protocol without it.
     'sit': dict(_OFFICIAL, cfg_scale=1.5, cfg_channels=3, round=True),
-    # CAR-Flow SiT-XL/2, FID 1.68: arXiv 2509.19300, ImageNet experiments: "the Heun SDE solver with 250 NFEs" of
-    # SiT's code. SiT's Heun SDE with --num-sampling-steps N makes 2N - 1 evaluations; no N gives 250, N = 125
-    # (two per grid point, one for the last mean step) gives 249, the nearest below. The scale is not published
-    # (required); the rest is SiT's sample_ddp.py as for 'sit' (3 CFG channels, rounding): an assumption, as the
-    # paper says only that it follows SiT's sampler (--cfg-channels 0 --no-round for REPA's conventions instead)
+    # CAR-Flow SiT-XL/2: FID 1.68 with "the Heun SDE solver with 250 NFEs" of SiT's code: --num-steps N makes 2N - 1
+    # evaluations, so N = 125 (249), the nearest below. The scale is not published (required); the rest is SiT's
+    # sample_ddp.py as for 'sit' (3 CFG channels, rounding): an assumption (--cfg-channels 0 --no-round for REPA's)
     'carflow': dict(_OFFICIAL, heun=True, num_steps=125, cfg_scale=UNPUBLISHED, cfg_channels=3, round=True),
 }
+DEFAULTS = dict(_OFFICIAL, num_steps=None)  # without --protocol; num_steps: 250 (sde) / 50 (ode), see resolve
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--ckpt', required=True, help='a checkpoint of this repo (or a run folder: its newest), '
-                                                 'or a released state dict')
+# -----------------------------------------------------------------------------
+# Sampler flags: sample.py's command line, also evaluate.py's (add_sampler_flags + resolve_sampler_flags)
+
+
+def add_sampler_flags(p, own=True):
+    """sample.py's flags, in its --help order. own=False (evaluate.py's parser) leaves out what is sample.py's own:
+    --ckpt (evaluate.py takes run folders), --num-samples (evaluate.py's, default 10K), --grid and --classes.
+    The flags a --protocol sets default to SUPPRESS, so an absent one leaves no attribute: resolve_sampler_flags
+    then knows exactly which were given (and fills in the rest)."""
+    unset = argparse.SUPPRESS
+    if own:
+        p.add_argument('--ckpt', required=True, help='a checkpoint of this repo (or a run folder: its newest), '
+                                                     'or a released state dict')
     p.add_argument('--protocol', choices=list(PROTOCOLS), help='set every sampling flag to a published evaluation '
                    '(see PROTOCOLS in sample.py / the README); flags given as well override it')
-    p.add_argument('--weights', default='ema', choices=['ema', 'model'], help='which weights of a training checkpoint')
+    p.add_argument('--weights', default=unset, choices=['ema', 'model'],
+                   help='which weights of a training checkpoint')
     p.add_argument('--model', help='SiT-XL/2, ...: required for released state dicts (ours store it)')
     p.add_argument('--data-path', help="prepared dataset whose dataset.json gives the latent layout (fallback)")
     p.add_argument('--sit-convention', action='store_true', help='weights trained in the original SiT time direction')
     p.add_argument('--vae', help="the dataset's VAE from elsewhere (a folder, weights file or hub name) instead of "
                                  "the autoencoder dataset.json names")
-    p.add_argument('--num-samples', type=int, default=50_000)
+    if own:
+        p.add_argument('--num-samples', type=int, default=unset)
     p.add_argument('--batch-size', type=int, default=64, help='per process; part of the SDE noise seed')
-    p.add_argument('--mode', default='sde', choices=['sde', 'ode'])
-    p.add_argument('--num-steps', type=int, help="default 250 (sde) / 50 (ode); with --mode sde, SiT's "
-                   "--num-sampling-steps (the same grid)")
-    p.add_argument('--heun', action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument('--mode', default=unset, choices=['sde', 'ode'])
+    p.add_argument('--num-steps', type=int, default=unset, help="default 250 (sde) / 50 (ode); with --mode sde, "
+                   "SiT's --num-sampling-steps (the same grid)")
+    p.add_argument('--heun', action=argparse.BooleanOptionalAction, default=unset,
                    help="Heun steps: REPA's ODE Heun with --mode ode, the original SiT repository's Heun SDE with "
                    "--mode sde (2N - 1 network evaluations for --num-steps N; CAR-Flow's '250 NFEs': N = 125, 249)")
-    p.add_argument('--cfg-scale', type=float, default=1.0, help='classifier-free guidance scale, >= 1 (1: none)')
-    p.add_argument('--cfg-channels', type=int, default=0, metavar='K', help="guide only the first K latent channels, "
-                   "the others conditional (SiT's and DiT's forward_with_cfg: 3; --protocol sit); 0: all (REPA)")
-    p.add_argument('--guidance-low', type=float, default=0.0, help='CFG only while low <= t <= high (t=1 noise)')
-    p.add_argument('--guidance-high', type=float, default=1.0)
+    p.add_argument('--cfg-scale', type=float, default=unset, help='classifier-free guidance scale, >= 1 (1: none)')
+    p.add_argument('--cfg-channels', type=int, default=unset, metavar='K', help="guide only the first K latent "
+                   "channels, the others conditional (SiT's and DiT's forward_with_cfg: 3; --protocol sit); 0: all "
+                   "(REPA)")
+    p.add_argument('--guidance-low', type=float, default=unset, help='CFG only while low <= t <= high (t=1 noise)')
+    p.add_argument('--guidance-high', type=float, default=unset)
     # default --cfg-scale, deliberately: REG's generate.py defaults its --cls-cfg-scale to 1.5 whatever
     # --cfg-scale is (its published runs set both, as --protocol reg does)
-    p.add_argument('--cls-cfg-scale', type=float, help="models with a class token (REG): the token's guidance "
-                   "scale (default: --cfg-scale, where REG's generate.py defaults to 1.5; <= 0: its conditional "
-                   "velocity only)")
-    p.add_argument('--class-balanced', action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument('--cls-cfg-scale', type=float, default=unset, help="models with a class token (REG): the token's "
+                   "guidance scale (default: --cfg-scale, where REG's generate.py defaults to 1.5; <= 0: its "
+                   "conditional velocity only)")
+    p.add_argument('--class-balanced', action=argparse.BooleanOptionalAction, default=unset,
                    help='exactly N/num_classes per class (shuffled)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--sample-dir', help='default: RUN/samples for RUN/checkpoints/X.pt, else samples/ beside --ckpt')
-    p.add_argument('--grid', type=int, default=0, metavar='N', help='write a preview grid of N samples per class')
-    p.add_argument('--classes', help='comma-separated class ids for --grid (default: the first min(10, K))')
+    if own:
+        p.add_argument('--grid', type=int, default=0, metavar='N', help='write a preview grid of N samples per class')
+        p.add_argument('--classes', help='comma-separated class ids for --grid (default: the first min(10, K))')
     p.add_argument('--log-every', type=int, default=10, help='progress line every N batches')
-    p.add_argument('--round', action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument('--round', action=argparse.BooleanOptionalAction, default=unset,
                    help='round pixels to nearest (default: truncate, as REPA)')
-    p.add_argument('--bf16', action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument('--bf16', action=argparse.BooleanOptionalAction, default=unset,
                    help='bf16 autocast for network and decoder (default: fp32)')
     p.add_argument('--compile', action='store_true', help='torch.compile the model (CUDA)')
-    # which protocol flags were given explicitly: argparse leaves attributes already in the namespace alone
-    unset = object()
-    keys = list(_OFFICIAL)
-    args = p.parse_args(argv, argparse.Namespace(**dict.fromkeys(keys, unset)))
-    given = [k for k in keys if getattr(args, k) is not unset]
+
+
+def resolve_sampler_flags(args):
+    """After parsing with add_sampler_flags: every protocol setting the command line did not give comes from
+    --protocol, else from DEFAULTS; args.overrides lists the flags given on top of a protocol (they override it);
+    then the values are checked, in one line each."""
+    given = [k for k in _OFFICIAL if hasattr(args, k)]
     proto = PROTOCOLS.get(args.protocol, {})
-    for k in keys:
+    for k in _OFFICIAL:
         if k not in given:
-            setattr(args, k, proto.get(k, p.get_default(k)))
+            setattr(args, k, proto.get(k, DEFAULTS[k]))
     flag = lambda k: '--' + k.replace('_', '-')
-    missing = [flag(k) for k in keys if getattr(args, k) == UNPUBLISHED]
+    missing = [flag(k) for k in _OFFICIAL if getattr(args, k) == UNPUBLISHED]
     if missing:
         sit.fail(f"--protocol {args.protocol} needs {' and '.join(missing)}: the paper does not publish it "
                  f"(choose it on a 10K-sample sweep)")
@@ -140,12 +149,25 @@ def parse_args(argv=None):
         args.num_steps = 250 if args.mode == 'sde' else 50
     if args.num_samples < 1 or args.batch_size < 1 or args.seed < 0 or args.num_steps < 1:
         sit.fail('--num-samples, --batch-size and --num-steps must be positive and --seed non-negative')
-    if args.cfg_scale < 1:  # the official samplers would silently not guide: refuse rather than mislabel a run
+    if args.cfg_scale < 1:  # the official samplers would not guide (or refuse): refuse rather than mislabel a run
         sit.fail(f'--cfg-scale {args.cfg_scale}: scales below 1 are not guidance here (REPA, REG and SiT guide only '
                  f'above 1); use a scale >= 1 (1: no guidance)')
     if args.cfg_channels < 0:
         sit.fail(f'--cfg-channels {args.cfg_channels}: give a number of leading latent channels, or 0 for all')
     return args
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_sampler_flags(p)
+    return resolve_sampler_flags(p.parse_args(argv))
+
+
+def num_evaluations(num_steps, heun=False):
+    """Network evaluations per sample of sit.sample, for the ODE and the SDE alike: num_steps, or 2 * num_steps - 1
+    with Heun steps (REPA's ODE Heun skips the last correction; the SDE's last step is a single mean step). A
+    guided evaluation runs both CFG halves as one doubled batch and counts once, as the papers count NFEs."""
+    return 2 * num_steps - 1 if heun else num_steps
 
 
 def folder_name(args, ckpt_stem, tag, joint):
@@ -171,7 +193,7 @@ def describe_sampler(args):
                                           'all channels') + f' for {args.guidance_low} <= t <= {args.guidance_high}')
     proto = (f'; protocol {args.protocol}' + (f" (overridden: {', '.join(args.overrides)})" if args.overrides else '')
              if args.protocol else '')
-    return (f'sampler: {kind}, {args.num_steps} steps = {sit.num_evaluations(args.num_steps, args.heun)} network '
+    return (f'sampler: {kind}, {args.num_steps} steps = {num_evaluations(args.num_steps, args.heun)} network '
             f'evaluations per sample; {cfg}{proto}')
 
 
@@ -179,37 +201,62 @@ def describe_sampler(args):
 # Model loading: our training checkpoints, or released state dicts
 
 
-def load_model(args):
-    """-> (model on CPU in eval mode, dataset meta, weights tag, description). Works for every method: the
-    model class comes from the checkpoint's config and model_args; sampling then goes through sit's samplers."""
-    ckpt = sit.load_checkpoint(args.ckpt)
+class Loaded(NamedTuple):
+    """What load_model returns."""
+    model: torch.nn.Module  # on CPU, eval mode, no grad; the sampling network only (no projector, no teacher)
+    meta: dict              # the dataset's layout: latent shape, classes, decoder, normalisation (dataset.json)
+    weights: str            # 'ema', 'model', or 'raw' (a bare released state dict)
+    what: str               # a description for logs: method, model, weights
+
+
+def flip_time(model):
+    """Wrap a model trained in the original SiT convention (t = 0 noise, v = x - eps) to run in ours."""
+    class Flipped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.num_classes = model, model.num_classes
+
+        def forward(self, x, t, y, **kw):
+            v, aux = self.inner(x, 1 - t, y, **kw)
+            return -v, aux
+    return Flipped()
+
+
+def load_model(ckpt, *, weights='ema', model=None, data_path=None, sit_convention=False):
+    """A checkpoint's sampling model, for every method: ours (train_*.py, or a copy of one: the model comes from the
+    checkpoint's config and model_args) or a released state dict (REPA, HASTE, REG, SiT: model names it, data_path
+    gives a layout other than ImageNet's). Projectors train only, so they are left out: a method's own projector
+    needs nothing here. sit_convention wraps weights trained with t = 0 as noise (SiT's). -> Loaded."""
+    name = model
+    ckpt_path, ckpt = ckpt, sit.load_checkpoint(ckpt)
     if isinstance(ckpt, dict) and 'config' in ckpt and 'model_args' in ckpt:  # ours (train_*.py)
         cfg, name, model_args = ckpt['config'], ckpt['config']['model'], dict(ckpt['model_args'])
-        if args.model and args.model != name:
-            sit.fail(f"'{args.ckpt}' holds a {name} model, not {args.model}; drop --model")
-        if not isinstance(ckpt.get(args.weights), dict):
-            sit.fail(f"'{args.ckpt}' has no '{args.weights}' weights (keys: {sorted(ckpt)})")
-        sd, tag = ckpt[args.weights], args.weights
+        if model and model != name:
+            sit.fail(f"'{ckpt_path}' holds a {name} model, not {model}; drop --model")
+        if not isinstance(ckpt.get(weights), dict):
+            sit.fail(f"'{ckpt_path}' has no '{weights}' weights (keys: {sorted(ckpt)})")
+        sd, tag = ckpt[weights], weights
+        for k in ('z_dims', 'projector_dim', 'encoder_depth'):  # the projectors' arguments: not built for sampling
+            model_args.pop(k, None)
         # the training data's dataset.json gives the latent layout and decoder; --data-path if it moved
-        data = next((d for d in (cfg.get('data_path'), args.data_path)
+        data = next((d for d in (cfg.get('data_path'), data_path)
                      if d and os.path.isfile(os.path.join(d, 'dataset.json'))), None)
         if data is None:
             sit.fail(f"the checkpoint's dataset '{cfg.get('data_path')}' has no dataset.json here and --data-path "
-                     f"is {'not given' if not args.data_path else repr(args.data_path) + ' (no dataset.json)'}; "
+                     f"is {'not given' if not data_path else repr(data_path) + ' (no dataset.json)'}; "
                      f"pass --data-path to a prepared dataset with the same latents")
-        meta, what = sit.read_dataset_meta(data), f"{cfg.get('method', '?')} {name} ({args.weights} weights)"
+        meta, what = sit.read_dataset_meta(data), f"{cfg.get('method', '?')} {name} ({weights} weights)"
     else:  # a released state dict: REPA / HASTE (raw or {'ema': ...}) or the original SiT's SiT-XL-2-256.pt
-        if isinstance(ckpt, dict) and isinstance(ckpt.get(args.weights), dict):
-            sd, tag = ckpt[args.weights], args.weights
+        if isinstance(ckpt, dict) and isinstance(ckpt.get(weights), dict):
+            sd, tag = ckpt[weights], weights
         elif isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
             sd, tag = ckpt, 'raw'
         else:
             keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
-            sit.fail(f"'{args.ckpt}' is neither a checkpoint of this repo nor a state dict (found {keys})")
-        if not args.model:
-            sit.fail(f"'{args.ckpt}' is a bare state dict (no config inside); pass --model, e.g. --model SiT-XL/2")
-        name, meta = args.model, sit.read_dataset_meta(args.data_path) if args.data_path else dict(IMAGENET)
-        sd = {k: v for k, v in sd.items() if not k.startswith('projectors.')}  # REPA's projector only trains
+            sit.fail(f"'{ckpt_path}' is neither a checkpoint of this repo nor a state dict (found {keys})")
+        if not name:
+            sit.fail(f"'{ckpt_path}' is a bare state dict (no config inside); pass --model, e.g. --model SiT-XL/2")
+        meta = sit.read_dataset_meta(data_path) if data_path else dict(IMAGENET)
         token = sd.get('cls_projectors2.weight')  # REG's class-token path: (D, cls_dim)
         p, c, k = int(name.split('/')[1]), meta['latent_channels'], meta['num_classes']
         w, table = sd.get('final_layer.linear.weight'), sd.get('y_embedder.embedding_table.weight')
@@ -220,16 +267,19 @@ def load_model(args):
                           class_dropout_prob=0.0 if table is not None and table.shape[0] == k else 0.1,
                           cls_dim=0 if token is None else token.shape[1])
         what = f'{name} state dict ({tag})'
-    model = sit.build_model(name, **model_args)
+    net = sit.build_model(name, **model_args)
     sd = {k.removeprefix('module.').removeprefix('_orig_mod.'): v for k, v in sd.items()}  # DDP / compile wrappers
-    sit.load_weights(model, sd, f"'{args.ckpt}' does not fit {what} built for {model_args} (check --model, "
-                                f"--data-path, --ckpt)")
-    sit.check_data_model(meta, model)
-    if args.cfg_scale != 1.0 and model.y_embedder.embedding_table.num_embeddings == model.num_classes:
-        sit.fail(f'{what} was trained without label dropout (no null class): CFG is impossible, use --cfg-scale 1')
-    if args.sit_convention:  # t -> 1 - t, v -> -v around the network, so our samplers apply unchanged
-        model = sit.flip_time(model)
-    return model.eval().requires_grad_(False), meta, tag, what
+    sd = {k: v for k, v in sd.items() if not k.startswith('projectors.')}
+    sit.load_weights(net, sd, f"'{ckpt_path}' does not fit {what} built for {model_args} (check --model, "
+                              f"--data-path, --ckpt)")
+    c, s = meta['latent_channels'], meta['latent_size']  # the latent grid the dataset stores is the model's
+    if (c, s) != (net.in_channels, net.grid * net.patch_size) or meta['num_classes'] != net.num_classes:
+        sit.fail(f"dataset latents are {c}x{s}x{s} with {meta['num_classes']} classes but the model expects "
+                 f"{net.in_channels}x{net.grid * net.patch_size}x{net.grid * net.patch_size} with "
+                 f"{net.num_classes} classes; pass a matching --model / --data-path")
+    if sit_convention:  # t -> 1 - t, v -> -v around the network, so our samplers apply unchanged
+        net = flip_time(net)
+    return Loaded(net.eval().requires_grad_(False), meta, tag, what)
 
 
 # -----------------------------------------------------------------------------
@@ -307,6 +357,19 @@ def newest_checkpoint(path):
     return sit.latest_checkpoint(path) or sit.fail(f"no checkpoints in '{path}/checkpoints'")
 
 
+class Sampler(NamedTuple):
+    """What load_sampler returns: everything sampling a checkpoint needs, on the device."""
+    net: torch.nn.Module    # the model, compiled under --compile
+    model: torch.nn.Module  # the model itself
+    meta: dict              # the dataset's layout
+    vae: object             # its decoder (None for the toy set's identity)
+    shapes: list            # sit.noise_shapes: the latents, then any state the model carries (REG's class token)
+    num_classes: int
+    sample_dir: str         # where the output folder goes
+    name: str               # the output folder's name (folder_name)
+    log: object             # print on rank 0, silent elsewhere
+
+
 def load_sampler(args, rank, world, device):
     """The checkpoint's model (compiled under --compile), its decoder and the output folder's name, on device.
     Every rank of the job calls it: rank 0 resolves a run folder to its newest checkpoint for all of them, and
@@ -317,7 +380,11 @@ def load_sampler(args, rank, world, device):
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    model, meta, tag, what = load_model(args)
+    model, meta, tag, what = load_model(args.ckpt, weights=args.weights, model=args.model, data_path=args.data_path,
+                                        sit_convention=args.sit_convention)
+    table = getattr(model, 'inner', model).y_embedder.embedding_table  # inside flip_time's wrapper, if any
+    if args.cfg_scale != 1.0 and table.num_embeddings == model.num_classes:  # no null row: never dropped a label
+        sit.fail(f'{what} was trained without label dropout (no null class): CFG is impossible, use --cfg-scale 1')
     model.to(device)
     # static shapes: one graph per batch shape (B, 2B inside the CFG interval, and a --grid's), never a dynamic one
     net = torch.compile(model, dynamic=False) if args.compile else model
@@ -334,40 +401,30 @@ def load_sampler(args, rank, world, device):
     log(f"{what}: {sum(p.numel() for p in model.parameters()):,} parameters; latents {shape}, {K} classes, "
         f"{world} process(es) on {device.type}")
     log(describe_sampler(args))
-    return net, model, meta, vae, shapes, K, sample_dir, name, log
+    return Sampler(net, model, meta, vae, shapes, K, sample_dir, name, log)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    rank, world, device = sit.setup_distributed()
-    if not args.grid:
-        folder, _ = sample_for_evaluation(args, rank, world, device)
-        if world > 1:  # no barrier: the other ranks need not wait (and time out) while rank 0 writes the .npz
-            dist.destroy_process_group()
-        return folder
-    net, model, meta, vae, shapes, K, sample_dir, name, log = load_sampler(args, rank, world, device)
-
-    # -------------------------------------------------------------------------
-    # --grid N: N samples per class, one column per class, on rank 0
-    if args.grid:
-        ids = args.classes.split(',') if args.classes else [str(c) for c in range(min(K, 10))]
-        classes = [int(c) for c in ids if c.strip().isdigit()]
-        if len(classes) != len(ids) or not all(c < K for c in classes):
-            sit.fail(f'--classes must be ids in 0..{K - 1}, got {args.classes}')
-        if rank == 0:
-            n = args.grid * len(classes)
-            z, _ = draw_inputs(range(n), args.seed, shapes, K)                  # [(n, C, h, w), ...]
-            y = torch.tensor(classes).repeat(args.grid)                         # image i -> column i % len(classes)
-            seed_batch(args.seed, 0)
-            images = generate(net, z, y.to(device), meta, vae, args)
-            os.makedirs(sample_dir, exist_ok=True)
-            path = os.path.join(sample_dir, f"{name}-grid{args.grid}-classes{'_'.join(map(str, classes))}.png")
-            sit.save_grid(images, path, len(classes))
-            names = meta.get('class_names') or [str(c) for c in range(K)]
-            print(f'grid -> {path}\ncolumns: ' + ', '.join(f'{c} ({names[c]})' for c in classes))
-        if world > 1:
-            dist.destroy_process_group()
-        return
+def write_grid(args, rank, world, device):
+    """--grid N: N samples per class, one column per class, written by rank 0 -> the PNG's path (rank 0)."""
+    s = load_sampler(args, rank, world, device)
+    K = s.num_classes
+    ids = args.classes.split(',') if args.classes else [str(c) for c in range(min(K, 10))]
+    classes = [int(c) for c in ids if c.strip().isdigit()]
+    if len(classes) != len(ids) or not all(c < K for c in classes):
+        sit.fail(f'--classes must be ids in 0..{K - 1}, got {args.classes}')
+    if rank != 0:
+        return None
+    n = args.grid * len(classes)
+    z, _ = draw_inputs(range(n), args.seed, s.shapes, K)                          # [(n, C, h, w), ...]
+    y = torch.tensor(classes).repeat(args.grid)                                 # image i -> column i % len(classes)
+    seed_batch(args.seed, 0)
+    images = generate(s.net, z, y.to(device), s.meta, s.vae, args)
+    os.makedirs(s.sample_dir, exist_ok=True)
+    path = os.path.join(s.sample_dir, f"{s.name}-grid{args.grid}-classes{'_'.join(map(str, classes))}.png")
+    sit.save_grid(images, path, len(classes))
+    names = s.meta.get('class_names') or [str(c) for c in range(K)]
+    print(f'grid -> {path}\ncolumns: ' + ', '.join(f'{c} ({names[c]})' for c in classes))
+    return path
 
 
 def sample_for_evaluation(args, rank, world, device, stop=None, write_npz=True):
@@ -375,7 +432,7 @@ def sample_for_evaluation(args, rank, world, device, stop=None, write_npz=True):
     write_npz, all of them in SAMPLE_DIR/NAME.npz. The process group (if any) is the caller's; every rank calls
     this. stop: the caller's sit.StopFlag (one is made if None). -> (folder, complete): complete is False when a
     stop signal ended the loop (the finished PNGs are kept) and agreed by all ranks."""
-    net, model, meta, vae, shapes, K, sample_dir, name, log = load_sampler(args, rank, world, device)
+    net, model, meta, vae, shapes, K, sample_dir, name, log = load_sampler(args, rank, world, device)  # a Sampler
 
     # -------------------------------------------------------------------------
     # Evaluation run: batches are fixed ranges of global indices [s, s + B), handed out round-robin
@@ -447,6 +504,18 @@ def sample_for_evaluation(args, rank, world, device, stop=None, write_npz=True):
             os.replace(npz + '.tmp', npz)
             log(f'{npz}: arr_0 {arr.dtype} {arr.shape}')
     return folder, True
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, device = sit.setup_distributed()
+    if args.grid:
+        out = write_grid(args, rank, world, device)
+    else:
+        out, _ = sample_for_evaluation(args, rank, world, device)
+    if world > 1:  # no barrier: the other ranks need not wait (and time out) while rank 0 writes the .npz
+        dist.destroy_process_group()
+    return out
 
 
 if __name__ == '__main__':

@@ -1,8 +1,12 @@
 """
-sit.py: the one shared module. In reading order: the convention and `fail`; the SiT backbone; the flow (label
-dropout, latents, samplers); the prepared dataset; the frozen DINOv2 teacher; the training plumbing every
-train_*.py shares (distributed set-up, resume, checkpoints, signals, config, logging); pixels and the VAE.
-The training scripts, sample.py, prepare.py and benchmark.py import it; fid.py stands alone.
+sit.py: the one shared module. It reads top to bottom in two parts.
+
+The research part, what a method may change: the SiT backbone and the modules the methods add to it (REPA's
+projectors, REG's class token, CAR-Flow's shift networks); the flow (label dropout, latents, the samplers); the
+prepared dataset; the frozen teacher (DINOv2, or the toy teacher) and its cache.
+Below the banner, the plumbing every script needs and no method changes: several nodes, run folders, checkpoints,
+signals, config and logging; then pixels and the VAE.
+The training scripts, sample.py, prepare.py, evaluate.py, lab.py and benchmark.py import it; fid.py stands alone.
 
 The convention (REPA's, used by every script in this repo):
   x_t = (1 - t) * x + t * eps        t ~ U(0, 1); t = 0 is data, t = 1 is noise
@@ -10,8 +14,9 @@ The convention (REPA's, used by every script in this repo):
   z   = (mean + std * randn - m) / s * k   latents drawn from stored encoder moments, normalised as dataset.json
                                      says (SD-VAE: m = 0, s = 1, k = 0.18215; see latent_norm)
   labels: num_classes is the null class used for classifier-free guidance
-The original SiT repo runs time the other way (t = 0 noise, v = x - eps); see `flip_time` below.
+The original SiT repo runs time the other way (t = 0 noise, v = x - eps); sample.py's flip_time converts.
 """
+import atexit
 import contextlib
 import functools
 import glob
@@ -33,28 +38,34 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+
 # -----------------------------------------------------------------------------
-# Errors a user can fix
+# Errors a user can fix: one line, never a traceback
 
-class Deferred(SystemExit):
-    """fail() inside attempt(): the line, kept for this rank to hand to the others first (decide_for_all)."""
+class Failure(SystemExit):
+    """What fail() raises. Uncaught, it ends the process: each node's first process prints `error: LINE`, the
+    others exit 1 silently (under torchrun every rank usually hits the same problem). Code that must first tell
+    the other ranks catches it and reads .line (decide_for_all, open_run)."""
 
-
-_deferring = False
+    def __init__(self, line):
+        self.line = line
+        super().__init__(f'error: {line}' if int(os.environ.get('LOCAL_RANK', 0)) == 0 else 1)
 
 
 def fail(msg):
-    """One clear line instead of a traceback, for problems a user can fix. Under torchrun every rank usually hits
-    the same problem, so only each node's first process says it (the others exit 1 silently). The process group
-    is destroyed first: exiting with it alive after a collective makes about one exit in four abort with
-    `terminate called without an active exception` (its threads are still running)."""
-    if _deferring:
-        raise Deferred(msg)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    if int(os.environ.get('LOCAL_RANK', 0)) != 0:
-        raise SystemExit(1)
-    raise SystemExit(f'error: {msg}')
+    """One clear line instead of a traceback, for problems a user can fix (see Failure)."""
+    raise Failure(msg)
+
+
+def load_weights(model, sd, what):
+    """Strict load_state_dict, but one readable line naming the mismatched keys instead of a multi-line error."""
+    ref = model.state_dict()
+    missing, unexpected = sorted(set(ref) - set(sd)), sorted(set(sd) - set(ref))
+    shape = [f'{k} {tuple(sd[k].shape)}!={tuple(ref[k].shape)}' for k in ref if k in sd and sd[k].shape != ref[k].shape]
+    if missing or unexpected or shape:
+        fail(f"{what}: {len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+             f"(e.g. {unexpected[:3]}), {len(shape)} of wrong shape (e.g. {shape[:2]})")
+    model.load_state_dict(sd, strict=True)
 
 
 # -----------------------------------------------------------------------------
@@ -172,11 +183,55 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)                        # (N, T, D)
 
 
+def sincos_pos_embed(dim, grid):
+    """Fixed 2D sin-cos position embedding (MAE / DiT layout: first half from the column index, second from the row)."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                indexing='ij')
+    def emb(pos):
+        out = pos.reshape(-1, 1) * omega[None]                                # (T, D/4)
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)             # (T, D/2)
+    return torch.cat([emb(cols), emb(rows)], dim=1).float()                  # (T, D)
+
+
+# --- REPA's projectors: an MLP per token on the hidden states after block encoder_depth (SiT(z_dims=...))
+
 def build_mlp(dim, projector_dim, z_dim):
     """REPA's projector: D -> 2048 -> 2048 -> z_dim with SiLU between (keys projectors.0.{0,2,4})."""
     return nn.Sequential(nn.Linear(dim, projector_dim), nn.SiLU(), nn.Linear(projector_dim, projector_dim),
                          nn.SiLU(), nn.Linear(projector_dim, z_dim))
 
+
+# --- REG's class token: SiT(cls_dim=...) prepends it at position 0 (cls_projectors2, wg_norm in; FinalLayer's
+# linear_cls out). While sampling it travels with the latents in one state:
+
+class JointState(nn.Module):
+    """The samplers integrate one tensor per sample, so REG's latents and class token travel packed as
+    (N, C*H*W + cls_dim): every sampler operation (Euler and Heun steps, the SDE's score from velocity, its
+    noise, the last mean step) is per element, which is exactly how REG's sampler treats the token. Inside the
+    guidance interval both CFG halves see the same token state; the latents are guided with cfg_scale and the token
+    with cls_cfg_scale (<= 0: the token's conditional velocity only), as REG's sampler does."""
+
+    def __init__(self, model, latent_shape, cls_cfg_scale):
+        super().__init__()
+        self.model, self.shape, self.num_classes = model, tuple(latent_shape), model.num_classes
+        self.n, self.cls_cfg_scale, self.scales = math.prod(latent_shape), cls_cfg_scale, {}
+
+    def forward(self, s, t, y):
+        v, aux = self.model(s[:, :self.n].reshape(-1, *self.shape), t, y, cls=s[:, self.n:])
+        return torch.cat([v.flatten(1), aux['cls'].to(v.dtype)], dim=1), aux   # (N, C*H*W + cls_dim)
+
+    def guidance_scale(self, cfg_scale, device):
+        """Per-element scales of the packed state, built once per sampling run (not at every network call)."""
+        if (cfg_scale, device) not in self.scales:
+            token = self.cls_cfg_scale if self.cls_cfg_scale > 0 else 1.0
+            self.scales[cfg_scale, device] = torch.cat([torch.full((self.n,), float(cfg_scale)),
+                                                        torch.full((self.model.cls_dim,), float(token))]).to(device)
+        return self.scales[cfg_scale, device]                                # (C*H*W + cls_dim,)
+
+
+# --- CAR-Flow's shift networks: SiT(shifts=...) carries mu0 (shift_source) and mu1 (shift_target); the network
+# works on shifted coordinates and every sampler on ordinary ones
 
 class ShiftNet(nn.Module):
     """CAR-Flow's condition-aware shift: class label -> a latent-shaped shift (C, S, S). A label embedding (its own
@@ -218,15 +273,20 @@ def unshifted_velocity(model, x, t, y, shifts=None, **kw):
     return v - (mu0 - mu1), aux
 
 
-def sincos_pos_embed(dim, grid):
-    """Fixed 2D sin-cos position embedding (MAE / DiT layout: first half from the column index, second from the row)."""
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
-                                indexing='ij')
-    def emb(pos):
-        out = pos.reshape(-1, 1) * omega[None]                                # (T, D/4)
-        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)             # (T, D/2)
-    return torch.cat([emb(cols), emb(rows)], dim=1).float()                  # (T, D)
+class ShiftsOnce(nn.Module):
+    """CAR-Flow while sampling: the shifts depend on the labels only, so they are computed once per label batch
+    (with and without the CFG half), not at every step. One ShiftsOnce serves one sit.sample call, whose network
+    calls see two label tensors only, y (n) and [y, null] (2n): the cache is keyed by batch length and never
+    compares labels (torch.equal would be a host sync at every call). Same numbers, fewer shift-net calls."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.num_classes, self.cache = model, model.num_classes, {}
+
+    def forward(self, x, t, y, **kw):
+        if len(y) not in self.cache:
+            self.cache[len(y)] = self.model.shifts(y)
+        return unshifted_velocity(self.model, x, t, y, shifts=self.cache[len(y)], **kw)
 
 
 class SiT(nn.Module):
@@ -330,7 +390,6 @@ class SiT(nn.Module):
         return v[:, :self.in_channels], aux
 
 
-
 # name -> (depth, width, heads). T is ours: a tiny size for the toy data and the tests.
 SIZES = {'T': (6, 128, 4), 'S': (12, 384, 6), 'B': (12, 768, 12), 'L': (24, 1024, 16), 'XL': (28, 1152, 16)}
 
@@ -345,10 +404,11 @@ def _make(depth, hidden_size, num_heads, patch_size):
 SiT_models = {f'SiT-{s}/{p}': _make(*SIZES[s], p) for s in SIZES for p in (1, 2, 4, 8)}
 
 
-def unwrap(net):
-    """The model inside DDP and torch.compile wrappers (for its own methods, e.g. CAR-Flow's shifts)."""
-    net = getattr(net, 'module', net)
-    return getattr(net, '_orig_mod', net)
+def model_depth(name):
+    """Number of blocks of a model name such as 'SiT-XL/2'."""
+    if name not in SiT_models:
+        fail(f"unknown model '{name}'; choose one of {', '.join(SiT_models)}")
+    return SIZES[name[4:].split('/')[0]][0]
 
 
 def build_model(name, **kwargs):
@@ -363,13 +423,7 @@ def build_model(name, **kwargs):
     return SiT_models[name](**kwargs)
 
 
-def model_depth(name):
-    """Number of blocks of a model name such as 'SiT-XL/2'."""
-    if name not in SiT_models:
-        fail(f"unknown model '{name}'; choose one of {', '.join(SiT_models)}")
-    return SIZES[name[4:].split('/')[0]][0]
-
-
+# only train_haste.py parses block lists; here because moving it would push the repa -> haste diff past 60 lines
 def parse_blocks(spec, depth, flag, count=None):
     """'4,5,6,7' -> (4, 5, 6, 7): 0-based block indices below depth (and `count` of them), or one line naming flag."""
     try:
@@ -381,13 +435,18 @@ def parse_blocks(spec, depth, flag, count=None):
     return blocks
 
 
-
 # -----------------------------------------------------------------------------
 # The flow: label dropout, latents, samplers (REPA's names and arguments; t runs from 1 (noise) to 0 (data))
 
 def drop_labels(y, p, num_classes):
     """Classifier-free guidance training: each label becomes the null class (id num_classes) with probability p."""
     return torch.where(torch.rand(y.shape, device=y.device) < p, num_classes, y)
+
+
+@functools.lru_cache(maxsize=None)
+def _channel_stats(mean, std, device):
+    """Built once per device: rebuilding them per micro-batch would be two blocking host-to-device copies."""
+    return tuple(torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (mean, std))  # read only
 
 
 def latent_norm(meta, device='cpu'):
@@ -403,12 +462,6 @@ def latent_norm(meta, device='cpu'):
         m, s = _channel_stats(tuple(meta['latent_mean']), tuple(meta['latent_std']), torch.device(device))
         return m, s, meta['latent_scale']                                    # (1, C, 1, 1), (1, C, 1, 1), float
     return meta.get('latent_shift', 0.0), 1.0, meta['latent_scale']
-
-
-@functools.lru_cache(maxsize=None)
-def _channel_stats(mean, std, device):
-    """Built once per device: rebuilding them per micro-batch would be two blocking host-to-device copies."""
-    return tuple(torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (mean, std))  # read only
 
 
 def sample_latents(moments, meta):
@@ -516,79 +569,18 @@ def heun_sde_sampler(model, latents, y, num_steps=250, cfg_scale=1.0, guidance_l
         x = x + dt * 0.5 * (d0 + d1)
 
 
-def num_evaluations(num_steps, heun=False):
-    """Network evaluations per sample of sit.sample, for the ODE and the SDE alike: num_steps, or 2 * num_steps - 1
-    with Heun steps (REPA's ODE Heun skips the last correction; the SDE's last step is a single mean step). A
-    guided evaluation runs both CFG halves as one doubled batch and counts once, as the papers count NFEs."""
-    return 2 * num_steps - 1 if heun else num_steps
-
-
-def flip_time(model):
-    """Wrap a model trained in the original SiT convention (t = 0 noise, v = x - eps) to run in ours."""
-    class Flipped(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner, self.num_classes = model, model.num_classes
-
-        def forward(self, x, t, y, **kw):
-            v, aux = self.inner(x, 1 - t, y, **kw)
-            return -v, aux
-    return Flipped()
-
-
 def noise_shapes(model, latent_shape):
     """Per-sample shapes of what the samplers integrate from t = 1: the latents, then the state a model carries
     along (REG's class token). sample.py and the training previews draw Gaussian noise of these shapes, in order."""
     return [tuple(latent_shape)] + ([(model.cls_dim,)] if getattr(model, 'cls_dim', 0) else [])
 
 
-class JointState(nn.Module):
-    """The samplers integrate one tensor per sample, so REG's latents and class token travel packed as
-    (N, C*H*W + cls_dim): every sampler operation (Euler and Heun steps, the SDE's score from velocity, its
-    noise, the last mean step) is per element, which is exactly how REG's sampler treats the token. Inside the
-    guidance interval both CFG halves see the same token state; the latents are guided with cfg_scale and the token
-    with cls_cfg_scale (<= 0: the token's conditional velocity only), as REG's sampler does."""
-
-    def __init__(self, model, latent_shape, cls_cfg_scale):
-        super().__init__()
-        self.model, self.shape, self.num_classes = model, tuple(latent_shape), model.num_classes
-        self.n, self.cls_cfg_scale, self.scales = math.prod(latent_shape), cls_cfg_scale, {}
-
-    def forward(self, s, t, y):
-        v, aux = self.model(s[:, :self.n].reshape(-1, *self.shape), t, y, cls=s[:, self.n:])
-        return torch.cat([v.flatten(1), aux['cls'].to(v.dtype)], dim=1), aux   # (N, C*H*W + cls_dim)
-
-    def guidance_scale(self, cfg_scale, device):
-        """Per-element scales of the packed state, built once per sampling run (not at every network call)."""
-        if (cfg_scale, device) not in self.scales:
-            token = self.cls_cfg_scale if self.cls_cfg_scale > 0 else 1.0
-            self.scales[cfg_scale, device] = torch.cat([torch.full((self.n,), float(cfg_scale)),
-                                                        torch.full((self.model.cls_dim,), float(token))]).to(device)
-        return self.scales[cfg_scale, device]                                # (C*H*W + cls_dim,)
-
-
-class ShiftsOnce(nn.Module):
-    """CAR-Flow while sampling: the shifts depend on the labels only, so they are computed once per label batch
-    (with and without the CFG half), not at every step. One ShiftsOnce serves one sit.sample call, whose network
-    calls see two label tensors only, y (n) and [y, null] (2n): the cache is keyed by batch length and never
-    compares labels (torch.equal would be a host sync at every call). Same numbers, fewer shift-net calls."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model, self.num_classes, self.cache = model, model.num_classes, {}
-
-    def forward(self, x, t, y, **kw):
-        if len(y) not in self.cache:
-            self.cache[len(y)] = self.model.shifts(y)
-        return unshifted_velocity(self.model, x, t, y, shifts=self.cache[len(y)], **kw)
-
-
 def sample(model, noise, y, mode='sde', num_steps=250, heun=False, cfg_scale=1.0, guidance_low=0.0,
            guidance_high=1.0, cls_cfg_scale=None, cfg_channels=0):
     """The one sampling entry point of sample.py and the training previews, for every model of this repo: the SDE
     with Euler-Maruyama steps (REPA's evaluation sampler, which is also SiT's default SDE) or with Heun steps (SiT's
-    `--sampling-method Heun`), or the ODE (Euler, or Heun). num_evaluations(num_steps, heun) network calls per
-    sample. noise: the latents' noise (N, C, H, W) at t = 1, or a list with one noise tensor per entry of
+    `--sampling-method Heun`), or the ODE (Euler, or Heun): num_steps network calls per sample, 2 * num_steps - 1
+    with Heun steps. noise: the latents' noise (N, C, H, W) at t = 1, or a list with one noise tensor per entry of
     noise_shapes(model, ...) (REG: latents, then class token, integrated jointly; cls_cfg_scale defaults to
     cfg_scale). cfg_channels: see guided_velocity. Returns the latents at t = 0."""
     kw = dict(num_steps=num_steps, cfg_scale=cfg_scale, guidance_low=guidance_low, guidance_high=guidance_high,
@@ -611,31 +603,6 @@ def sample(model, noise, y, mode='sde', num_steps=250, heun=False, cfg_scale=1.0
     else:
         x = euler_sampler(net, x, y, heun=heun, **kw)
     return x[:, :math.prod(noise[0].shape[1:])].reshape(noise[0].shape) if len(noise) == 2 else x
-
-
-@torch.no_grad()
-def ode_path_length(model, noise, y, num_steps=50):
-    """Length of each sample's trajectory under sit.sample's Euler ODE without guidance, t = 1 -> 0: the sum over
-    steps of |x_{k+1} - x_k| (L2 over the latent's C*H*W values) -> (ordinary, shifted), (N,) each. ordinary is
-    measured where the images live (from eps to the sample); shifted where CAR-Flow's network integrates,
-    z_t = x_t + mu_t(y), from eps + mu0 to x + mu1 (its paper's "shorter paths" are these); for a model without
-    shifts the two are equal. noise as sit.sample's; a REG class token is integrated along and not counted."""
-    noise = list(noise) if isinstance(noise, (list, tuple)) else [noise]
-    n = math.prod(noise[0].shape[1:])
-    shifts = getattr(model, 'has_shifts', False)
-    net, x = ShiftsOnce(model) if shifts else model, noise[0].float()
-    if len(noise) == 2:
-        net, x = JointState(model, noise[0].shape[1:], 1.0), torch.cat([x.flatten(1), noise[1]], dim=1)
-    mu0, mu1 = model.shifts(y) if shifts else (0.0, 0.0)
-    dmu = ((mu0 - mu1) * torch.ones_like(noise[0])).flatten(1)              # (N, C*H*W): dz = dx + dt (mu0 - mu1)
-    ordinary, shifted = torch.zeros(len(x)), torch.zeros(len(x))
-    ts = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64).tolist()  # euler_sampler's grid
-    for t_cur, t_next in zip(ts[:-1], ts[1:]):
-        dx = (t_next - t_cur) * guided_velocity(net, x, t_cur, y)           # (N, ...) one Euler step
-        ordinary += dx.flatten(1)[:, :n].norm(dim=1).cpu()
-        shifted += (dx.flatten(1)[:, :n] + (t_next - t_cur) * dmu).norm(dim=1).cpu()
-        x = x + dx
-    return ordinary, shifted
 
 
 # -----------------------------------------------------------------------------
@@ -701,14 +668,6 @@ class PreparedDataset(torch.utils.data.Dataset):
             return torch.from_numpy(np.array(self.arrays['images'][i])), m, y
         return m, y
 
-
-def check_data_model(meta, model):
-    """The latent grid the dataset stores must be what the model was built for."""
-    c, s = meta['latent_channels'], meta['latent_size']
-    if (c, s) != (model.in_channels, model.grid * model.patch_size) or meta['num_classes'] != model.num_classes:
-        fail(f"dataset latents are {c}x{s}x{s} with {meta['num_classes']} classes but the model expects "
-             f"{model.in_channels}x{model.grid * model.patch_size}x{model.grid * model.patch_size} with "
-             f"{model.num_classes} classes; pass a matching --model / --data-path")
 
 # -----------------------------------------------------------------------------
 # Frozen DINOv2 teacher (timm's port of facebookresearch/dinov2, as REPA uses it)
@@ -816,6 +775,8 @@ def toy_teacher_config(weights, data_path):
         return path, json.load(f)
 
 
+# only train_haste.py asks; here because it reads the teacher tables above (and moving it would push the repa ->
+# haste diff past 60 lines)
 def teacher_depth(name, weights=None, data_path=None):
     """Blocks of the teacher load_teacher would build, without building or fetching it (flag checks first)."""
     if name == 'toy':
@@ -876,27 +837,29 @@ def load_teacher(name='dinov2-b', weights=None, grid=16, device='cpu', fp16=Fals
     return Teacher(vit, grid, fp16).to(device).eval().requires_grad_(False)
 
 
+# =============================================================================
+# INFRASTRUCTURE: everything below runs the research part above on one CPU or many GPU nodes (processes, run
+# folders, checkpoints, signals, config, logging) and turns latents into pixels. Trying a method needs no change here.
+# =============================================================================
+
+
 # -----------------------------------------------------------------------------
 # Several nodes: one decision for the whole job, and every node sees the same files
 
 SHARED = 'the run folder (--out) and --data-path must be on a file system all nodes share'
 
 
+def get_rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def where_am_i():
     """'node N (rank R, host H)': torchrun's GROUP_RANK is the node's index."""
     return f"node {os.environ.get('GROUP_RANK', '?')} (rank {get_rank()}, host {socket.gethostname()})"
-
-
-def attempt(fn, *args):
-    """(fn(*args), None), or (None, the line) where fn ends in fail(): a rank that must first tell the others."""
-    global _deferring
-    _deferring = True
-    try:
-        return fn(*args), None
-    except Deferred as e:
-        return None, e.code
-    finally:
-        _deferring = False
 
 
 def decide_for_all(fn):
@@ -905,7 +868,12 @@ def decide_for_all(fn):
     the file system themselves could decide differently: another node, a lagging network file system."""
     if not dist.is_initialized():
         return fn()
-    out = list(attempt(fn)) if get_rank() == 0 else [None, None]
+    out = [None, None]
+    if get_rank() == 0:
+        try:
+            out[0] = fn()
+        except Failure as e:  # deferred: the others hear of it first, then every rank stops with this line
+            out[1] = e.line
     dist.broadcast_object_list(out, src=0)
     if out[1] is not None:
         fail(out[1])
@@ -948,6 +916,10 @@ def _describe(v):
     return str(v)[:80]
 
 
+def _config_diff(old, new, run_keys):
+    return ', '.join(f'{k} ({old.get(k)} -> {v})' for k, v in new.items() if k not in run_keys and old.get(k) != v)
+
+
 def same_view(views, fix):
     """Several nodes coordinate through files: every rank must see what rank 0 sees. views: {label: this rank's
     view} (file_view, a short string, a listing of (name, size), or the config dict). The first difference stops
@@ -973,6 +945,14 @@ def same_view(views, fix):
 # config and logging. Nothing here is method-specific; the scripts keep their loop, their loss and their data.
 
 
+def leave_group():
+    """Destroy the process group, if any. Registered to run at exit, an exit by fail() included: exiting with the
+    group alive after a collective makes about one exit in four abort with `terminate called without an active
+    exception` (its threads are still running)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def setup_distributed():
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python script.py` runs as one process, no group."""
     if 'RANK' not in os.environ:
@@ -985,6 +965,7 @@ def setup_distributed():
         dist.init_process_group('nccl', device_id=device)
     else:
         dist.init_process_group('gloo')
+    atexit.register(leave_group)
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -1024,25 +1005,14 @@ def update_ema(ema, model, decay):
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
-def load_weights(model, sd, what):
-    """Strict load_state_dict, but one readable line naming the mismatched keys instead of a multi-line error."""
-    ref = model.state_dict()
-    missing, unexpected = sorted(set(ref) - set(sd)), sorted(set(sd) - set(ref))
-    shape = [f'{k} {tuple(sd[k].shape)}!={tuple(ref[k].shape)}' for k in ref if k in sd and sd[k].shape != ref[k].shape]
-    if missing or unexpected or shape:
-        fail(f"{what}: {len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected "
-             f"(e.g. {unexpected[:3]}), {len(shape)} of wrong shape (e.g. {shape[:2]})")
-    model.load_state_dict(sd, strict=True)
+# -----------------------------------------------------------------------------
+# Checkpoints and run folders: atomic writes, one resume decision for the whole job, exact RNG replay
 
 
 def _pickle_refusal(e):
-    """What torch.load(weights_only=True) refused, or None if e is not that refusal. Every refusal of the
-    weights-only unpickler (torch/_weights_only_unpickler.py) reaches us as a pickle.UnpicklingError whose text
-    starts 'Weights only load failed': a global outside the allowlist ('Unsupported global: GLOBAL x.y'), one of a
-    blocked module ('Trying to load unsupported GLOBAL posix.mkdir whose module posix is blocked'), an object it may
-    not build or call (NEWOBJ, BUILD, REDUCE), an opcode outside its subset (e.g. STACK_GLOBAL, protocol 4's import),
-    a non-storage persistent id, an append/setitem on something else than a list/dict, or a torch class whose
-    module must be imported first (nested tensors, DTensor)."""
+    """What torch.load(weights_only=True) refused, in a few words, or None if e is not such a refusal. Every refusal
+    of torch's weights-only unpickler is a pickle.UnpicklingError starting 'Weights only load failed'; the forms
+    its text takes are listed in docs/reproducing.md (Provenance)."""
     import pickle
     import re
     msg = str(e)
@@ -1100,46 +1070,19 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
-def _config_diff(old, new, run_keys):
-    return ', '.join(f'{k} ({old.get(k)} -> {v})' for k, v in new.items() if k not in run_keys and old.get(k) != v)
-
-
-def open_run(cfg, run_keys):
-    """-> (run folder, checkpoint dict or None), checked before anything is written.
-    --resume FILE|FOLDER continues that checkpoint (a folder: its newest); new checkpoints go to the folder it lives
-    in, wherever that folder has moved. Without --resume, an --out folder that already holds a run of the same
-    config continues it (what a requeued job needs: rerun the same command); another config is refused, and so is a
-    folder that is not a run folder. Keys not in run_keys change the math and must equal the checkpoint's.
-    Under torchrun rank 0 makes this decision for the job (run folder, checkpoint, step); every rank then checks
-    that it was started with the same flags and that its node sees the same run folder, checkpoints and dataset as
-    rank 0's, and loads exactly that checkpoint, or every rank stops with one line per node (see same_view)."""
-    ckpt = {}
-
-    def decide():
-        run_dir, ckpt['rank0'] = _decide_run(cfg, run_keys)
-        return run_dir, ckpt['rank0'] and ckpt['rank0']['path'], ckpt['rank0'] and ckpt['rank0']['step']
-    run_dir, path, step = decide_for_all(decide)
-    if get_world_size() == 1:
-        return run_dir, ckpt['rank0']
-    ckpts = os.path.join(run_dir, 'checkpoints')
-    same_view({'the command line': cfg,
-               f"'{ckpts}'": sorted((f, os.path.getsize(os.path.join(ckpts, f))) for f in os.listdir(ckpts)
-                                    if f.endswith('.pt')) if os.path.isdir(ckpts) else None,
-               f"'{os.path.join(run_dir, 'config.json')}'": file_view(os.path.join(run_dir, 'config.json')),
-               **data_view(cfg['data_path'])}, SHARED)
-    problem = None
-    if get_rank() == 0:
-        ckpt = ckpt['rank0']
-    elif path is not None:  # exactly rank 0's file, which this node sees as rank 0 does
-        ckpt, problem = attempt(load_checkpoint, path)
-        if problem is None and ckpt.get('step') != step:
-            problem = f"'{path}' holds step {ckpt.get('step')} here but step {step} on rank 0"
-        if ckpt is not None:
-            ckpt['path'] = path
-    else:
-        ckpt = None
-    agree(problem and f'{where_am_i()}: {problem}; {SHARED}')
-    return run_dir, ckpt
+def writable_or_fail(folder):
+    """Probe with a real file: permission bits say nothing for root, and read-only mounts only show on write."""
+    d = folder
+    while not os.path.isdir(d):  # the nearest existing ancestor is where the folder would be created
+        d = os.path.dirname(os.path.abspath(d))
+    for sub in (d, os.path.join(d, 'checkpoints')) if d == folder else (d,):
+        if not os.path.isdir(sub):
+            continue
+        try:
+            with tempfile.NamedTemporaryFile(dir=sub):
+                pass
+        except OSError as e:
+            fail(f"cannot write to '{sub}' ({e.strerror}); make it writable or pass --out to a writable folder")
 
 
 def _decide_run(cfg, run_keys):
@@ -1182,19 +1125,45 @@ def _decide_run(cfg, run_keys):
     return run_dir, ckpt
 
 
-def writable_or_fail(folder):
-    """Probe with a real file: permission bits say nothing for root, and read-only mounts only show on write."""
-    d = folder
-    while not os.path.isdir(d):  # the nearest existing ancestor is where the folder would be created
-        d = os.path.dirname(os.path.abspath(d))
-    for sub in (d, os.path.join(d, 'checkpoints')) if d == folder else (d,):
-        if not os.path.isdir(sub):
-            continue
+def open_run(cfg, run_keys):
+    """-> (run folder, checkpoint dict or None), checked before anything is written.
+    --resume FILE|FOLDER continues that checkpoint (a folder: its newest); new checkpoints go to the folder it lives
+    in, wherever that folder has moved. Without --resume, an --out folder that already holds a run of the same
+    config continues it (what a requeued job needs: rerun the same command); another config is refused, and so is a
+    folder that is not a run folder. Keys not in run_keys change the math and must equal the checkpoint's.
+    Under torchrun rank 0 makes this decision for the job (run folder, checkpoint, step); every rank then checks
+    that it was started with the same flags and that its node sees the same run folder, checkpoints and dataset as
+    rank 0's, and loads exactly that checkpoint, or every rank stops with one line per node (see same_view)."""
+    ckpt = {}
+
+    def decide():
+        run_dir, ckpt['rank0'] = _decide_run(cfg, run_keys)
+        return run_dir, ckpt['rank0'] and ckpt['rank0']['path'], ckpt['rank0'] and ckpt['rank0']['step']
+    run_dir, path, step = decide_for_all(decide)
+    if get_world_size() == 1:
+        return run_dir, ckpt['rank0']
+    ckpts = os.path.join(run_dir, 'checkpoints')
+    same_view({'the command line': cfg,
+               f"'{ckpts}'": sorted((f, os.path.getsize(os.path.join(ckpts, f))) for f in os.listdir(ckpts)
+                                    if f.endswith('.pt')) if os.path.isdir(ckpts) else None,
+               f"'{os.path.join(run_dir, 'config.json')}'": file_view(os.path.join(run_dir, 'config.json')),
+               **data_view(cfg['data_path'])}, SHARED)
+    problem = None
+    if get_rank() == 0:
+        ckpt = ckpt['rank0']
+    elif path is not None:  # exactly rank 0's file, which this node sees as rank 0 does
         try:
-            with tempfile.NamedTemporaryFile(dir=sub):
-                pass
-        except OSError as e:
-            fail(f"cannot write to '{sub}' ({e.strerror}); make it writable or pass --out to a writable folder")
+            ckpt = load_checkpoint(path)
+        except Failure as e:  # deferred: agree() below stops every rank with it, not this rank alone
+            ckpt, problem = None, e.line
+        if problem is None and ckpt.get('step') != step:
+            problem = f"'{path}' holds step {ckpt.get('step')} here but step {step} on rank 0"
+        if ckpt is not None:
+            ckpt['path'] = path
+    else:
+        ckpt = None
+    agree(problem and f'{where_am_i()}: {problem}; {SHARED}')
+    return run_dir, ckpt
 
 
 def create_run_dir(run_dir, cfg, script, model, step):
@@ -1308,21 +1277,15 @@ def save_training_state(run_dir, step, log, device, keep=0, **state):
         dist.barrier()
 
 
-def get_rank():
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def get_world_size():
-    return dist.get_world_size() if dist.is_initialized() else 1
+# -----------------------------------------------------------------------------
+# Signals, config and logging
 
 
 class StopFlag:
     """A stop request at the next step boundary: SIGTERM (preemption), SIGUSR1 (Slurm's --signal) or a first Ctrl-C
-    (SIGINT) set it; the loop then saves and exits 0. A second Ctrl-C, a second or more after the first, exits at
-    once without saving (torchrun forwards the terminal's SIGINT to its workers, which then see it twice within
-    milliseconds: that counts as one). stop.requested is this process's own flag (no collective). The ranks agree
-    through the job's own process group (no second group, so nothing else to connect across nodes): a one-element
-    tensor on the GPU under NCCL, on the CPU under gloo.
+    (SIGINT) set it; the loop then saves and exits 0. A second Ctrl-C a second or more later exits at once, unsaved
+    (within a second it is the same press: torchrun forwards a terminal's Ctrl-C to workers that saw it already).
+    stop.requested is this process's own flag; the ranks agree through the job's own process group.
       stop()       the agreed flag now: a blocking all-reduce (sample.py, prepare.py: once, at the end)
       stop.poll()  the training loop's check, every step, with no host sync (see poll)"""
 
@@ -1465,7 +1428,7 @@ class Logger:
 
 
 # -----------------------------------------------------------------------------
-# Pixels: the one uint8 conversion, decoding, grids; then the VAE
+# Pixels: the one uint8 conversion, then the VAE, then decoding and grids
 
 def to_uint8(x, round=False):
     """The repo's one pixel conversion: clamp to [-1, 1], (x + 1) * 127.5, then truncate to uint8 as REPA's,
@@ -1473,43 +1436,6 @@ def to_uint8(x, round=False):
     truncation makes images half a grey level darker on average)."""
     x = (x.float().clamp(-1, 1) + 1) * 127.5
     return (x.round() if round else x).to(torch.uint8)
-
-
-def decode_latents(z, meta, vae=None, round=False):
-    """Normalised latents (N, C, h, w) -> uint8 images (N, 3, R, R) on CPU: dataset.json's normalisation inverted
-    (latent_norm), then the decoder. Runs in the caller's autocast, if any."""
-    m, s, k = latent_norm(meta, z.device)
-    x = z.float() / k * s + m                                                # (N, C, h, w), the VAE's own latents
-    return to_uint8(x, round).cpu() if vae is None else vae_decode_to_uint8(vae, x, round=round)
-
-
-def load_autoencoder(meta, device, path=None):
-    """The dataset's decoder: None for the toy set's identity, else the VAE dataset.json names (or PATH), which
-    must make the dataset's latents: as many channels, the same downsampling."""
-    if meta['autoencoder'] == 'identity':
-        return None
-    name = path or meta['autoencoder']
-    vae = load_vae(name, device)
-    c, f = meta['latent_channels'], meta['resolution'] // meta['latent_size']
-    if (vae.latent_channels, vae.factor) != (c, f):
-        fail(f"VAE {name} makes {vae.latent_channels}-channel latents at 1/{vae.factor} of the image size but the "
-             f"dataset's are {c}-channel at 1/{f}; pass the VAE the dataset was prepared with (--vae)")
-    return vae
-
-
-def save_grid(images, path, nrow):
-    """uint8 (N, 3, H, W) -> one PNG grid with 2 px gaps; tiny images (the toy set) are enlarged (nearest) to
-    at least 64 px so the grid is readable."""
-    from PIL import Image
-    scale = max(1, 64 // max(images.shape[-2:]))
-    images = images.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
-    n, _, h, w = images.shape
-    ncol = math.ceil(n / nrow)
-    grid = np.zeros((ncol * (h + 2) + 2, nrow * (w + 2) + 2, 3), dtype=np.uint8)
-    for i, img in enumerate(images.cpu().numpy().transpose(0, 2, 3, 1)):
-        r, c = divmod(i, nrow)
-        grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + c * (w + 2): 2 + c * (w + 2) + w] = img
-    Image.fromarray(grid).save(path)
 
 
 # -----------------------------------------------------------------------------
@@ -1644,8 +1570,8 @@ class VAEDecoder(nn.Module):
 
 class AutoencoderKL(nn.Module):
     """diffusers' AutoencoderKL from its config fields; the defaults are SD's kl-f8. SD3 and FLUX VAEs: 16 latent
-    channels and neither 1x1 conv (use_quant_conv, use_post_quant_conv false). latent_norm is the normalisation the
-    VAE ships, as dataset.json fields (see latent_norm); load_vae sets it from the config or mean_std.json."""
+    channels and neither 1x1 conv (use_quant_conv, use_post_quant_conv false). Training and sampling only decode;
+    prepare.py encodes (vae_encode_moments)."""
 
     def __init__(self, block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
                  use_quant_conv=True, use_post_quant_conv=True):
@@ -1656,13 +1582,9 @@ class AutoencoderKL(nn.Module):
         self.decoder = VAEDecoder(block_out_channels, layers_per_block + 1, C)
         self.quant_conv = nn.Conv2d(2 * C, 2 * C, 1) if use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(C, C, 1) if use_post_quant_conv else None
-        self.latent_norm = _shipped_norm({}, None, C, SD_DEFAULTS)  # diffusers' defaults: SD's scaling_factor
-
-    def encode_moments(self, x):
-        """x (N, 3, H, W) in [-1, 1] -> cat[mean, std] (N, 2C, H/f, W/f); the latent is mean + std * eps, unscaled."""
-        h = self.encoder(x)  # (N, 2C, H/f, W/f)
-        mean, logvar = (h if self.quant_conv is None else self.quant_conv(h)).chunk(2, dim=1)  # (N, C, H/f, W/f)
-        return torch.cat([mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))], dim=1)  # clamp as diffusers
+        # where load_vae found it: its config.json fields, the folder (ReaLS's mean_std.json), and a name for messages;
+        # prepare.py reads the normalisation the VAE ships from them (its encoder half is prepare.py's too)
+        self.config, self.folder, self.source = {}, None, SD_DEFAULTS
 
     def decode(self, z):
         """Unscaled latent z (N, C, h, w) -> image (N, 3, f*h, f*w), roughly in [-1, 1]."""
@@ -1671,7 +1593,7 @@ class AutoencoderKL(nn.Module):
 
 def _vae_arch(cfg, where):
     """A diffusers AutoencoderKL config -> our constructor's arguments. Keys that only change the numbers diffusers
-    uses elsewhere (sample_size, force_upcast, the normalisation) are read by _shipped_norm or not needed."""
+    uses elsewhere (sample_size, force_upcast, the normalisation) are prepare.py's (shipped_norm) or not needed."""
     if not isinstance(cfg, dict) or not all(k in cfg for k in SD_VAE_CONFIG):
         fail(f"VAE: {where} lacks {', '.join(k for k in SD_VAE_CONFIG if k not in (cfg or {}))}: not a diffusers "
              f"AutoencoderKL config.json")
@@ -1687,58 +1609,6 @@ def _vae_arch(cfg, where):
     return dict(block_out_channels=list(cfg['block_out_channels']), layers_per_block=cfg['layers_per_block'],
                 latent_channels=cfg['latent_channels'], use_quant_conv=cfg.get('use_quant_conv', True),
                 use_post_quant_conv=cfg.get('use_post_quant_conv', True))
-
-
-def _per_channel(value, C, what, positive=False):
-    """One number, or C numbers in any nesting ((C,), (1, C, 1, 1), ...) -> a list of C floats, or one line."""
-    try:
-        flat = torch.as_tensor(value, dtype=torch.float64).flatten()
-    except (TypeError, ValueError, RuntimeError):  # None, a string, ragged lists
-        flat = None
-    if flat is None or flat.numel() not in (1, C) or not torch.isfinite(flat).all() or (positive and (flat <= 0).any()):
-        fail(f"VAE: {what} must be one {'positive ' if positive else ''}number or {C} (one per latent channel), "
-             f"got {str(value)[:80]}")
-    return flat.expand(C).tolist()
-
-
-def _read_mean_std(path, C):
-    """ReaLS's mean_std.json. Its layout is documented nowhere (the ReaLS repository has no code, the folder is on
-    Google Drive), so the readings that fit its name are accepted: {"mean": ..., "std": ...} or diffusers' key
-    names {"latents_mean": ..., "latents_std": ...}, each one number or one per channel."""
-    try:
-        with open(path) as f:
-            d = json.load(f)
-    except (OSError, ValueError) as e:
-        fail(f"VAE: cannot read {path} ({type(e).__name__}: {str(e)[:80]})")
-    keys = next((k for k in (('mean', 'std'), ('latents_mean', 'latents_std')) if isinstance(d, dict)
-                 and all(x in d for x in k)), None)
-    if keys is None:
-        fail(f"VAE: {path} holds {sorted(d) if isinstance(d, dict) else type(d).__name__}; expected "
-             f'{{"mean": [...], "std": [...]}} with one number or {C} (one per latent channel) each')
-    return (_per_channel(d[keys[0]], C, f'{path} {keys[0]}'),
-            _per_channel(d[keys[1]], C, f'{path} {keys[1]}', positive=True))
-
-
-def _shipped_norm(cfg, folder, C, where):
-    """The normalisation a VAE ships, as dataset.json fields (see latent_norm), first found of:
-      mean_std.json beside the weights (ReaLS): (z - mean) / std, latent_scale 1. ReaLS does not say how its SiT
-        normalised latents; a standardised latent is what the file offers. The config's scaling_factor is not
-        applied on top: diffusers writes its default 0.18215 into every config, used or not
-      latents_mean / latents_std in config.json: (z - mean) / std * scaling_factor, as diffusers' SDXL pipeline
-      scaling_factor and shift_factor: (z - shift_factor) * scaling_factor (SD: no shift; SD3, FLUX: a shift)"""
-    path = os.path.join(folder, 'mean_std.json') if folder else None
-    if path and os.path.isfile(path):
-        mean, std = _read_mean_std(path, C)
-        return {'latent_mean': mean, 'latent_std': std, 'latent_scale': 1.0, 'latent_norm_from': path}
-    scale = _per_channel(cfg.get('scaling_factor', VAE_SCALE), 1, f'{where} scaling_factor', positive=True)[0]
-    if cfg.get('latents_mean') is not None or cfg.get('latents_std') is not None:
-        if cfg.get('shift_factor'):
-            fail(f"VAE: {where} sets both shift_factor and latents_mean / latents_std; keep one normalisation")
-        return {'latent_mean': _per_channel(cfg.get('latents_mean'), C, f'{where} latents_mean'),
-                'latent_std': _per_channel(cfg.get('latents_std'), C, f'{where} latents_std', positive=True),
-                'latent_scale': scale, 'latent_norm_from': f'{where}: latents_mean, latents_std, scaling_factor'}
-    shift = _per_channel(cfg.get('shift_factor') or 0.0, 1, f'{where} shift_factor')[0]
-    return {'latent_scale': scale, 'latent_shift': shift, 'latent_norm_from': f'{where}: scaling_factor, shift_factor'}
 
 
 def _read_config(path):
@@ -1811,10 +1681,10 @@ def _rename_old_attention_key(k):
 
 def load_vae(name_or_path='stabilityai/sd-vae-ft-ema', device='cpu'):
     """A VAE (a file, a diffusers folder or a hub name, see _resolve_vae) as our AutoencoderKL: frozen, eval mode,
-    on `device`; vae.latent_norm is the normalisation it ships."""
+    on `device`. vae.config and vae.folder keep what the normalisation it ships is read from (prepare.shipped_norm)."""
     file, cfg, folder, where = _resolve_vae(name_or_path)
     vae = AutoencoderKL(**_vae_arch(cfg, where))
-    vae.latent_norm = _shipped_norm(cfg, folder, vae.latent_channels, where)
+    vae.config, vae.folder, vae.source = cfg, folder, where
     if file.endswith('.safetensors'):
         from safetensors.torch import load_file
         sd = load_file(file)
@@ -1832,3 +1702,40 @@ def vae_decode_to_uint8(vae, z, batch_size=32, round=False):
     device = next(vae.parameters()).device
     return torch.cat([to_uint8(vae.decode(zb.to(device, torch.float32)), round).cpu()  # (B, 3, f*h, f*w)
                       for zb in torch.as_tensor(z).split(batch_size)])
+
+
+def decode_latents(z, meta, vae=None, round=False):
+    """Normalised latents (N, C, h, w) -> uint8 images (N, 3, R, R) on CPU: dataset.json's normalisation inverted
+    (latent_norm), then the decoder. Runs in the caller's autocast, if any."""
+    m, s, k = latent_norm(meta, z.device)
+    x = z.float() / k * s + m                                                # (N, C, h, w), the VAE's own latents
+    return to_uint8(x, round).cpu() if vae is None else vae_decode_to_uint8(vae, x, round=round)
+
+
+def load_autoencoder(meta, device, path=None):
+    """The dataset's decoder: None for the toy set's identity, else the VAE dataset.json names (or PATH), which
+    must make the dataset's latents: as many channels, the same downsampling."""
+    if meta['autoencoder'] == 'identity':
+        return None
+    name = path or meta['autoencoder']
+    vae = load_vae(name, device)
+    c, f = meta['latent_channels'], meta['resolution'] // meta['latent_size']
+    if (vae.latent_channels, vae.factor) != (c, f):
+        fail(f"VAE {name} makes {vae.latent_channels}-channel latents at 1/{vae.factor} of the image size but the "
+             f"dataset's are {c}-channel at 1/{f}; pass the VAE the dataset was prepared with (--vae)")
+    return vae
+
+
+def save_grid(images, path, nrow):
+    """uint8 (N, 3, H, W) -> one PNG grid with 2 px gaps; tiny images (the toy set) are enlarged (nearest) to
+    at least 64 px so the grid is readable."""
+    from PIL import Image
+    scale = max(1, 64 // max(images.shape[-2:]))
+    images = images.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)
+    n, _, h, w = images.shape
+    ncol = math.ceil(n / nrow)
+    grid = np.zeros((ncol * (h + 2) + 2, nrow * (w + 2) + 2, 3), dtype=np.uint8)
+    for i, img in enumerate(images.cpu().numpy().transpose(0, 2, 3, 1)):
+        r, c = divmod(i, nrow)
+        grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + c * (w + 2): 2 + c * (w + 2) + w] = img
+    Image.fromarray(grid).save(path)

@@ -73,6 +73,12 @@ config.update(
 # The loss
 
 # >>> method: loss
+def unwrap(net):
+    """The model inside DDP and torch.compile wrappers, for its own methods (the shifts)."""
+    net = getattr(net, 'module', net)
+    return getattr(net, '_orig_mod', net)
+
+
 def compute_loss(model, x, y):
     """CAR-Flow, in the paper's shifted coordinates. x: clean latents (N, C, H, W); y: labels, already dropped (so
     the null class learns its own shifts). No stop-gradient: the shifts learn through the input and the target."""
@@ -80,7 +86,7 @@ def compute_loss(model, x, y):
     eps = torch.randn_like(x)                                                # (N, C, H, W)
     # the shift networks run outside DDP's forward; DDP still all-reduces their gradients (it hooks every
     # parameter; a 2-process test checks the ranks stay identical)
-    mu0, mu1 = sit.unwrap(model).shifts(y)                                   # (N, C, H, W) each; 0 if not shifted
+    mu0, mu1 = unwrap(model).shifts(y)                                       # (N, C, H, W) each; 0 if not shifted
     z0, z1 = eps + mu0, x + mu1                                              # shifted noise and shifted data
     t_ = t.view(-1, 1, 1, 1)
     z_t = (1 - t_) * z1 + t_ * z0                                            # t = 0 data, t = 1 noise

@@ -208,3 +208,39 @@ def test_two_processes_give_the_same_record(env, scored):
     [rec] = evaluate.read_records(run)
     assert rec['world_size'] == 2 and rec['step'] == 2
     assert rec['metrics'] == scored[1]['metrics'] and rec['protocol'] == scored[1]['protocol']
+
+
+def test_a_torn_last_record_is_skipped_and_scored_again(env, scored, tmp_path, capsys):
+    """A partial append (full disk, lost NFS write) leaves a last line that is not JSON: --plot and scoring both go
+    on with the records before it (one warning line naming the file), the torn checkpoint is scored again, and
+    its new record starts on a line of its own."""
+    run = copy_run(env, 'torn')
+    with open(os.path.join(env['run'], 'eval.jsonl')) as f:
+        lines = f.readlines()
+    path = os.path.join(run, 'eval.jsonl')
+    with open(path, 'w') as f:
+        f.writelines(lines[:2] + [lines[2][:len(lines[2]) // 2]])          # the third record cut in half, no newline
+    capsys.readouterr()
+    evaluate.main([run, '--plot', '--metric', 'fid', '--out', str(tmp_path / 'torn.png')])
+    err = capsys.readouterr().err
+    assert err.count('warning:') == 1 and f'{path} line 3' in err
+    assert '| 3 |' not in (tmp_path / 'torn.md').read_text()                # the torn record is not drawn
+    records = score(env, run)                                               # step 3 has no record: scored again
+    assert [r['step'] for r in records] == [1, 2, 3] and records[2]['metrics'] == scored[2]['metrics']
+    with open(path) as f:
+        text = f.read().split('\n')
+    assert text[2] == lines[2][:len(lines[2]) // 2] and json.loads(text[3])['step'] == 3 and text[4] == ''
+
+
+def test_protocol_overrides_with_the_shared_parser(env):
+    """evaluate.py parses sample.py's sampler flags with sample.py's own code (one parser): --protocol fills in what
+    is not given, flags given on top of it are the overrides, and its own --num-samples is neither."""
+    common = [env['run'], '--ref', env['ref'], '--num-samples', '7', '--protocol', 'repa']
+    args = evaluate.parse_args(common + ['--cfg-scale', '2', '--guidance-high', '0.7'])
+    assert (args.cfg_scale, args.guidance_high, args.mode, args.num_steps) == (2.0, 0.7, 'sde', 250)
+    assert args.overrides == ['--cfg-scale'] and args.num_samples == 7    # 0.7 is the protocol's own: no override
+    same = sample.parse_args(['--ckpt', 'x.pt', '--protocol', 'repa', '--cfg-scale', '2'])
+    assert sample.sampling_protocol(args) == sample.sampling_protocol(same)
+    assert evaluate.parse_args(common).overrides == []
+    plain = evaluate.parse_args([env['run'], '--ref', env['ref'], '--mode', 'ode'])
+    assert (plain.protocol, plain.overrides, plain.num_steps, plain.num_samples) == (None, [], 50, 10_000)

@@ -40,7 +40,7 @@ def test_ode_path_length_closed_form(shifts):
     the trajectory ends where sit.sample's Euler ODE ends."""
     model, y = PointMass(shifts), torch.tensor([0, 1, 1, 0, 1])
     eps = torch.randn(5, 3, 4, 4)
-    ordinary, shifted = sit.ode_path_length(model, eps, y, num_steps=7)
+    ordinary, shifted = lab.ode_path_length(model, eps, y, num_steps=7)
     torch.testing.assert_close(ordinary, (eps - model.x0[y]).flatten(1).norm(dim=1))
     mu = (model.mu0[y] - model.mu1[y]) if shifts else 0
     torch.testing.assert_close(shifted, (eps + mu - model.x0[y]).flatten(1).norm(dim=1))
@@ -53,7 +53,7 @@ def test_ode_path_length_sums_the_euler_steps():
     torch.manual_seed(0)
     model = sit.build_model('SiT-T/2', input_size=8, in_channels=3, num_classes=4, cls_dim=16).eval()
     z, c, y = torch.randn(3, 3, 8, 8), torch.randn(3, 16), torch.tensor([0, 1, 2])
-    length, same = sit.ode_path_length(model, [z, c], y, num_steps=4)
+    length, same = lab.ode_path_length(model, [z, c], y, num_steps=4)
     expect, x, joint = torch.zeros(3), torch.cat([z.flatten(1), c], 1), sit.JointState(model, (3, 8, 8), 1.0)
     with torch.no_grad():
         for k in range(4):

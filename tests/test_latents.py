@@ -64,7 +64,7 @@ def pipeline_denormalise(cfg, x):
 
 def meta_of(vae, resolution=32):
     return dict(autoencoder='x', resolution=resolution, latent_channels=vae.latent_channels,
-                latent_size=resolution // vae.factor, **vae.latent_norm)
+                latent_size=resolution // vae.factor, **prepare.shipped_norm(vae))
 
 
 @pytest.mark.parametrize('name', list(CONFIGS))
@@ -76,7 +76,7 @@ def test_matches_diffusers(vaes, name):
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         dist = m.encode(x).latent_dist
-        moments = vae.encode_moments(x)                                              # (2, 2C, 16, 16)
+        moments = prepare.vae_encode_moments(vae, (x + 1) * 127.5)                   # (2, 2C, 16, 16)
         assert moments.shape == (2, 2 * C, 16, 16)
         torch.testing.assert_close(moments[:, :C], dist.mean, rtol=1e-4, atol=1e-4 * dist.mean.abs().max().item())
         torch.testing.assert_close(moments[:, C:], dist.std, rtol=1e-4, atol=1e-4 * dist.std.abs().max().item())
@@ -147,7 +147,7 @@ def test_mean_std_json(vaes, tmp_path):
                'scalar': {'mean': 0.5, 'std': 2.0}}
     for name, content in layouts.items():
         vae = sit.load_vae(with_file(folder, tmp_path / name, 'mean_std.json', content))
-        norm = vae.latent_norm
+        norm = prepare.shipped_norm(vae)
         m, s = (mean, std) if name != 'scalar' else ([0.5] * 4, [2.0] * 4)
         assert (norm['latent_mean'], norm['latent_std'], norm['latent_scale']) == (m, s, 1.0), name
         assert norm['latent_norm_from'].endswith('mean_std.json')
@@ -155,7 +155,8 @@ def test_mean_std_json(vaes, tmp_path):
            'keys': ({'mu': mean, 'sigma': std}, "['mu', 'sigma']"),
            'negative': ({'mean': mean, 'std': [1, -1, 1, 1]}, 'positive')}
     for name, (content, words) in bad.items():
-        msg = one_line_error(sit.load_vae, with_file(folder, tmp_path / f'bad_{name}', 'mean_std.json', content))
+        msg = one_line_error(lambda f: prepare.shipped_norm(sit.load_vae(f)),
+                             with_file(folder, tmp_path / f'bad_{name}', 'mean_std.json', content))
         assert 'mean_std.json' in msg and words in msg, msg
 
 
@@ -171,7 +172,7 @@ def test_one_line_errors(vaes, tmp_path):
     assert 'AttnDownEncoderBlock2D' in one_line_error(sit.load_vae, attn)
     both = with_file(folder, tmp_path / 'both', 'config.json',
                      dict(cfg, latents_mean=[0.0] * 16, latents_std=[1.0] * 16))
-    assert 'both shift_factor and latents_mean' in one_line_error(sit.load_vae, both)
+    assert 'both shift_factor and latents_mean' in one_line_error(lambda f: prepare.shipped_norm(sit.load_vae(f)), both)
     # a dataset of 4-channel latents with this 16-channel VAE as its decoder
     meta = dict(autoencoder=folder, resolution=32, latent_channels=4, latent_size=16, latent_scale=1.0)
     msg = one_line_error(sit.load_autoencoder, meta, 'cpu')
@@ -194,10 +195,10 @@ def test_hub_names(vaes, monkeypatch):
     monkeypatch.setattr(huggingface_hub, 'hf_hub_download', fake_download)
     vae = sit.load_vae('owner/pipeline/vae')
     assert calls == [('owner/pipeline', 'vae', 'config.json'), ('owner/pipeline', 'vae', sit.VAE_FILE)]
-    assert vae.latent_channels == 16 and vae.latent_norm['latent_shift'] == 0.1159
+    assert vae.latent_channels == 16 and prepare.shipped_norm(vae)['latent_shift'] == 0.1159
     calls.clear()
     monkeypatch.setattr(sit, 'SD_VAE_CONFIG', dict(sit.SD_VAE_CONFIG, block_out_channels=[32, 64], layers_per_block=1))
-    assert sit.load_vae('stabilityai/sd-vae-ft-mse').latent_norm['latent_scale'] == 0.18215
+    assert prepare.shipped_norm(sit.load_vae('stabilityai/sd-vae-ft-mse'))['latent_scale'] == 0.18215
     assert calls == [('stabilityai/sd-vae-ft-mse', None, sit.VAE_FILE)]
 
     def offline(repo_id, filename, subfolder=None):

@@ -157,12 +157,12 @@ class SiTConvention(sit.SiT):
 @pytest.mark.parametrize('mode', ['ode', 'sde'])
 def test_sit_convention_flag(env, monkeypatch, mode):
     flags = ['--ckpt', env['ckpt'], '--mode', mode, '--num-steps', '4', '--cfg-scale', '2', '--guidance-high', '0.7']
-    ours = sample.load_model(sample.parse_args(flags))[0]
+    ours = sample.load_model(env['ckpt']).model
     monkeypatch.setitem(sit.SiT_models, 'SiT-T/8', lambda **kw: SiTConvention(
         depth=6, hidden_size=128, num_heads=4, patch_size=8, **kw))
     args = sample.parse_args(flags + ['--sit-convention'])
-    flipped = sample.load_model(args)[0]
-    unflipped = sample.load_model(sample.parse_args(flags))[0]
+    flipped = sample.load_model(args.ckpt, sit_convention=args.sit_convention).model
+    unflipped = sample.load_model(env['ckpt']).model
     [z], y = sample.draw_inputs(range(6), 0, [(3, 16, 16)], 10)
 
     def draw(model):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import sample
 import sit
 
 DATA = os.path.join(os.path.dirname(__file__), 'data')
@@ -257,20 +258,20 @@ def test_sde_is_sits_own_sampler(heun, cfg_scale, cfg_channels):
     gauss = GaussianVelocity([2.0, -1.0, 0.0], [0.5, 1.5, 1.0])
     z, y, n = torch.randn(400, 4, generator=torch.Generator().manual_seed(0)), torch.arange(400) % 2, 12
     torch.manual_seed(5)
-    ours = sit.sample(sit.flip_time(SiTGaussian(gauss)), z, y, mode='sde', num_steps=n, heun=heun,
+    ours = sit.sample(sample.flip_time(SiTGaussian(gauss)), z, y, mode='sde', num_steps=n, heun=heun,
                       cfg_scale=cfg_scale, cfg_channels=cfg_channels)
     ours_calls, gauss.calls = gauss.calls, []
     torch.manual_seed(5)
     ref = sit_sde_by_hand(SiTGaussian(gauss), z, y, n, heun, cfg_scale, cfg_channels)
     evals = 2 * n - 1 if heun else n
-    assert len(ours_calls) == evals and sit.num_evaluations(n, heun) == evals
+    assert len(ours_calls) == evals and sample.num_evaluations(n, heun) == evals
     assert {bs for _, bs in ours_calls} == {800 if cfg_scale > 1 else 400}  # CFG: one doubled batch per evaluation
     ref_calls = gauss.calls[::2] if cfg_scale > 1 else gauss.calls     # by hand: cond and null calls apart
     assert [t for t, _ in ours_calls] == pytest.approx([t for t, _ in ref_calls], abs=1e-6)  # the same grid
     assert ours_calls[-1][0] == pytest.approx(0.04)                   # the mean step at SiT's t = 0.96
     assert (ours - ref).abs().max() < 1e-4, (ours - ref).abs().max()
     torch.manual_seed(5)
-    other = sit.sample(sit.flip_time(SiTGaussian(gauss)), z, y, mode='sde', num_steps=n, heun=not heun,
+    other = sit.sample(sample.flip_time(SiTGaussian(gauss)), z, y, mode='sde', num_steps=n, heun=not heun,
                        cfg_scale=cfg_scale, cfg_channels=cfg_channels)
     assert (other - ref).abs().max() > 1e-2                           # the test tells the two steppers apart
 
@@ -382,7 +383,7 @@ def test_flip_time_converts_sit_convention():
             v, aux = ours(x, 1 - t, y)
             return -v, aux
     x, t, y = torch.randn(2, 3, 8, 8), torch.rand(2), torch.tensor([1, 2])
-    assert torch.allclose(sit.flip_time(SiTConvention())(x, t, y)[0], ours(x, t, y)[0], atol=1e-6)
+    assert torch.allclose(sample.flip_time(SiTConvention())(x, t, y)[0], ours(x, t, y)[0], atol=1e-6)
 
 
 # -----------------------------------------------------------------------------
@@ -458,3 +459,25 @@ def test_patch_size_one():
     assert model.x_embedder.proj.kernel_size == (1, 1) and model.pos_embed.shape[1] == 16
     v, _ = model(torch.randn(2, 16, 4, 4), torch.rand(2), torch.tensor([0, 3]))
     assert v.shape == (2, 16, 4, 4)
+
+
+def test_sit_py_reads_top_to_bottom():
+    """sit.py defines every module-level name before the first top-level statement that uses it, and the research
+    part (model, samplers, data, teacher) ends where the infrastructure banner starts."""
+    import ast
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'sit.py')
+    src = open(path).read()
+    tree = ast.parse(src)
+    defined = {}
+    for node in tree.body:
+        targets = [node] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else getattr(node, 'targets', [])
+        for t in targets:
+            for n in ([t] if not isinstance(t, ast.Tuple) else t.elts):
+                defined.setdefault(getattr(n, 'name', getattr(n, 'id', None)), node.lineno)
+    late = [(node.lineno, sub.id) for node in tree.body for sub in ast.walk(node)
+            if isinstance(sub, ast.Name) and defined.get(sub.id, 0) > node.lineno]
+    assert late == []
+    banner = src[:src.index('# INFRASTRUCTURE')].count('\n') + 1
+    research = ('SiT', 'build_model', 'sample', 'PreparedDataset', 'load_teacher')
+    plumbing = ('setup_distributed', 'open_run', 'save_training_state', 'StopFlag', 'Logger', 'load_vae')
+    assert max(defined[n] for n in research) < banner < min(defined[n] for n in plumbing)
