@@ -206,12 +206,13 @@ def dinov2_preprocess(x):  # (N, 3, H, W) floats in 0..255 -> (N, 3, 224, 224) I
 def dinov2_pos_embed(pos_embed, grid, num_prefix=1, offset=0.1):
     """pos_embed (1, num_prefix + M*M, D), trained on an M x M patch grid -> (1, num_prefix + grid*grid, D),
     the embedding DINOv2's own ViT (the torch.hub dinov2_vit*14 behind published FD-DINOv2) adds to a grid x grid
-    input, by its rule, which is not timm's: bicubic WITHOUT antialiasing, and a scale factor of
-    (grid + offset) / M rather than an output size. The offset (its interpolate_offset, 0.1) was meant only to
-    keep the output size from rounding down to grid - 1, but F.interpolate also places its samples by the scale
-    factor it is given: at (i + 0.5) * M / (grid + 0.1) - 0.5, not (i + 0.5) * M / grid - 0.5. The prefix (class
-    token) rows pass unchanged. timm's load-time resampling (exact size, antialiased) differs by 2-4% relative on
-    smooth 37x37 embeddings, and by 80% on white noise."""
+    input, by its rule for the models without registers, which is not timm's: bicubic WITHOUT antialiasing, and a
+    scale factor of (grid + offset) / M rather than an output size. The offset (its interpolate_offset, 0.1) was
+    meant only to keep the output size from rounding down to grid - 1, but F.interpolate also places its samples by
+    the scale factor it is given: at (i + 0.5) * M / (grid + 0.1) - 0.5, not (i + 0.5) * M / grid - 0.5. The
+    prefix (class token) rows pass unchanged. timm's load-time resampling (exact size, antialiased) differs by 2-4%
+    relative on smooth 37x37 embeddings, and by 80% on white noise. (The hub's models with registers use offset 0
+    and antialiasing, which is timm's rule: load_dinov2 keeps timm's embedding for them.)"""
     M = math.isqrt(pos_embed.shape[1] - num_prefix)
     if grid == M:  # at its native size DINOv2 adds the trained embedding as it is
         return pos_embed
@@ -288,8 +289,9 @@ def load_dinov2(model=DINOV2_MODEL, weights=None):
     grid = DINOV2_SIZE // net.patch_embed.patch_size[0]
     pos = dinov2_pos_embed(net.pos_embed.detach(), grid, 0 if net.no_embed_class else net.num_prefix_tokens)
     net.set_input_size(img_size=DINOV2_SIZE)  # resizes the patch grid, and the embedding by timm's rule ...
-    with torch.no_grad():
-        net.pos_embed.copy_(pos)  # ... which we replace by DINOv2's
+    if not getattr(net, 'num_reg_tokens', 0):  # ... which, but for the models with registers, DINOv2's replaces
+        with torch.no_grad():
+            net.pos_embed.copy_(pos)
     return net.eval().requires_grad_(False)
 
 class ToyNet(nn.Module):
