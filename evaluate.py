@@ -24,7 +24,8 @@ Resumable: an interrupted checkpoint continues from its PNGs on disk; SIGTERM / 
 batch at hand and exit 0 (rerun the same command). Disk: a checkpoint's samples live in
 RUN/samples/eval-<protocol hash>/ while it is scored and are deleted once its record is written, so nothing but
 the record is kept; --keep-samples keeps the PNGs and the ADM-format .npz beside them.
-Sampling runs on every process of the job; the features run on rank 0 (a few percent of the time, README).
+Sampling runs on every process of the job; the features run on rank 0 (at SiT-XL/2's scale a small part of the time:
+docs/evaluation.md).
 """
 import argparse
 import contextlib
@@ -40,6 +41,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import torch.distributed as dist
 
 import fid
@@ -49,6 +51,7 @@ import sit
 METRICS = ['fid', 'sfid', 'inception_score', 'precision', 'recall', 'fd_dinov2', 'fd_toy']  # fid.evaluate's names
 NAMES = dict(fid='FID', sfid='sFID', inception_score='Inception Score', precision='Precision', recall='Recall',
              fd_dinov2='FD-DINOv2', fd_toy='toy FD')
+LOWER_IS_BETTER, HIGHER_IS_BETTER = ['fid', 'sfid', 'fd_dinov2', 'fd_toy'], ['inception_score', 'precision', 'recall']
 NOT_HERE = {'--ckpt': 'name run folders (their checkpoints/*.pt) before the flags',
             '--grid': 'preview grids are sample.py --grid', '--classes': 'preview grids are sample.py --grid'}
 
@@ -83,6 +86,9 @@ def make_parser(sampler=True):
     p.add_argument('--metric', default='fid', help=f"--plot: one of {', '.join(METRICS)}")
     p.add_argument('--out', help='--plot: figure path (default eval_METRIC.png); the table goes beside it as .md')
     p.add_argument('--log', action='store_true', help='--plot: log y axis (late differences of a falling FD show)')
+    p.add_argument('--baseline', metavar='RUN', help="--plot: also a table of the steps (and images) each other run "
+                   "needs to reach RUN's metric at each of RUN's checkpoints, and the ratio: the papers' 'N x fewer "
+                   "steps'")
     if sampler:
         sample.add_sampler_flags(p.add_argument_group(
             "sampler flags (sample.py's, same defaults; --sample-dir D puts the samples in D/RUN-eval-HASH)"), own=False)
@@ -109,6 +115,11 @@ def parse_args(argv=None):
         if not os.path.isdir(r):
             sit.fail(f"run folder '{r}' does not exist")
     if args.plot:
+        if args.baseline is not None and args.baseline.rstrip('/') not in args.runs:
+            sit.fail(f"--baseline {args.baseline}: name it among the run folders too (evaluate.py RUN ... --plot "
+                     f"--baseline RUN)")
+        if args.baseline is not None and args.metric not in LOWER_IS_BETTER + HIGHER_IS_BETTER:
+            sit.fail(f"--baseline needs a metric with a direction: one of {', '.join(LOWER_IS_BETTER + HIGHER_IS_BETTER)}")
         return args
     # -------------------------------------------------------------------------
     # everything that can fail, before any model is built or sample written
@@ -427,6 +438,44 @@ def table(group, metric, runs):
     return '\n'.join(lines)
 
 
+def steps_to(curve, target, lower=True):
+    """The first step at which a curve {step: metric} reaches target (<= target; >= with lower=False),
+    interpolated between the two checkpoints that bracket it, linearly in the log of the metric (FD-like curves
+    fall roughly exponentially between checkpoints), so a run that gets there 20 steps sooner shows it with
+    checkpoints 50 apart. The first checkpoint itself if it is already there; None if no checkpoint is."""
+    prev, sign = None, 1 if lower else -1
+    for step, value in sorted(curve.items()):
+        if sign * value <= sign * target:
+            if prev is None:
+                return float(step)
+            s0, v0 = prev
+            return s0 + (step - s0) * (np.log(v0) - np.log(target)) / (np.log(v0) - np.log(value))
+        prev = (step, value)
+    return None
+
+
+def baseline_table(group, metric, runs, baseline):
+    """Markdown: for each checkpoint of the baseline run, its metric and, for every other run, the steps (images) it
+    needs to reach that value (steps_to) and the ratio baseline steps / its steps."""
+    curves = {run: {r['step']: r['metrics'][metric] for r in recs} for run, recs in runs.items()}
+    per_step = {run: recs[0]['images_seen'] / recs[0]['step'] if recs[0].get('images_seen') and recs[0]['step'] else
+                None for run, recs in runs.items()}
+    others = [run for run in runs if run != baseline]
+    lines = [f"steps to reach {label(baseline, runs[baseline])}'s {NAMES.get(metric, metric)} (images seen; its "
+             f"steps / the run's), interpolated between checkpoints in log {NAMES.get(metric, metric)}", '',
+             f'| {baseline} step | {NAMES.get(metric, metric)} | ' + ' | '.join(label(r, runs[r]) for r in others) + ' |',
+             '|---:|---:|' + '---:|' * len(others)]
+    for step, value in sorted(curves[baseline].items()):
+        cells = []
+        for run in others:
+            s = steps_to(curves[run], value, lower=metric in LOWER_IS_BETTER)
+            images = f', {s * per_step[run]:,.0f} img' if s is not None and per_step[run] else ''
+            cells.append('not reached' if s is None else f'{s:,.0f}{images} ({step / s:.2f}x)' if s > 0 else
+                         f'{s:,.0f}{images}')
+        lines.append(f'| {step:,} | {value:.4g} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
 def plot(args):
     try:
         import matplotlib
@@ -467,6 +516,10 @@ def plot(args):
             ax.set_title(title, fontsize=9)
             ax.legend(fontsize=8)
         tables.append(table(group, args.metric, runs))
+        if args.baseline is not None:
+            base = args.baseline.rstrip('/')
+            if base in runs and len(runs) > 1:
+                tables.append(baseline_table(group, args.metric, runs, base))
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)

@@ -6,10 +6,10 @@ prepare.py: turn images into a prepared dataset (the folder layout sit.PreparedD
 The toy set has 10 classes, each one shape in one colour (red circle, green square, ...), drawn with Pillow
 at a random position, size and rotation on a dark background; deterministic from --seed. Its autoencoder is
 `identity`: the latents are the pixels scaled to [-1, 1] (std 0, scale 1), so training runs unchanged on
-3x16x16 "latents". 16 px by default (--resolution 32 works too): a tiny SiT on 2 CPU cores learns recognisable
-16 px shapes in the demo's ~1000 steps, while at 32 px it is still drawing blobs.
+3x16x16 "latents". 16 px by default (--resolution 32 works too, but needs far more steps than the demo's 1000 on a
+CPU).
 
-  python prepare.py toy --out data/toy --teacher --fd   # also the toy teacher and the toy FD (a few CPU minutes)
+  python prepare.py toy --out data/toy --teacher --fd   # also the toy teacher and the toy FD (CPU minutes)
 
 --teacher trains the toy teacher that REPA, HASTE and REG's --preset toy align with (a small ViT, teacher.safetensors
 + teacher.json in OUT); --fd trains the toy FD's feature network (fd.safetensors + fd.json, for fid.py --features toy)
@@ -18,6 +18,7 @@ and draws its held-out reference set fd_ref.npz. Each is trained once; delete it
   torchrun --nproc_per_node=8 prepare.py imagenet --src IMAGENET/train --out data/imagenet256
   python prepare.py imagenet --src IMAGENET/train --out data/in100 --classes 100 --limit 300   # a quick subset
   python prepare.py repa --src REPA_DATA_DIR --out data/imagenet256   # convert REPA's images/ + vae-sd/ folders
+  python prepare.py teacher-cache --data data/toy --enc dinov2-s --enc-ckpt PATH   # -> data/toy/cache-dinov2-s
 
 `imagenet` reads any ImageFolder: one sub-folder per class (sorted names -> labels 0..K-1, names kept as
 class_names), image files (.jpeg/.jpg/.png/...; other files are ignored) sorted by name within a class. Each image
@@ -38,7 +39,7 @@ stored moments, in float64 (channel_stats).
 `repa` copies REPA's already-encoded folder (its moments are cat[mean, std] too) in one process, not resumable.
 
 Unreadable files: before anything is allocated, every file is read once by PIL (JPEGs in draft mode: every byte is
-entropy-decoded, so truncated files fail, at ~half the cost of a full decode), spread over ranks and workers. A file
+entropy-decoded, so truncated files fail, without a full decode), spread over ranks and workers. A file
 that fails stops the run with one line naming it; with --skip-bad each one gets one line, is listed in
 OUT/bad_files.txt and is left out of the index (count excludes it). Checking first keeps the index fixed from the
 start, which is what lets the ranks write in place and a restart resume.
@@ -54,6 +55,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 
 import numpy as np
@@ -328,6 +330,57 @@ def prepare_toy_fd(out, seed=0):
                               seed=seed + 1, ref_seed=seed + 2, background=background))
     print(f'wrote the toy FD network to {path} and its reference set ({len(ref)} images) to '
           f'{os.path.join(out, "fd_ref.npz")} ({time.time() - t0:.0f} s)')
+
+
+# -----------------------------------------------------------------------------
+# The teacher's outputs on a prepared dataset, once (sit.TeacherCache reads them: --enc-cache)
+
+@torch.no_grad()
+def prepare_teacher_cache(data, enc, enc_ckpt=None, attn_blocks='-2,-1', patch_size=2, out=None, batch_size=50,
+                          log=print):
+    """DATA's images through the frozen teacher, as the training scripts run it (fp32 on the CPU), saved for
+    sit.TeacherCache: final-norm patch and class tokens, and the attention logits of attn_blocks (HASTE's; '-2,-1':
+    the last two). The token grid is SiT-*/patch_size's. -> the cache folder (default DATA/cache-ENC).
+    For the toy lab: the toy set is small and never augmented. What it would cost on ImageNet: docs/toy.md."""
+    out = out or os.path.join(data, f'cache-{enc}')
+    meta = sit.read_dataset_meta(data)
+    grid = meta['latent_size'] // patch_size
+    teacher_id = sit.teacher_id(enc, enc_ckpt, data)  # the weights' SHA-1; fails on a missing file first
+    if os.path.isfile(os.path.join(out, 'cache.json')):
+        with open(os.path.join(out, 'cache.json')) as f:
+            if json.load(f).get('teacher') == teacher_id:
+                log(f'{out}: the teacher cache is there ({teacher_id})')
+                return out
+        sit.fail(f"--out {out} holds a teacher cache of another teacher; delete it or pass another --out")
+    teacher = sit.load_teacher(enc, enc_ckpt, grid=grid, data_path=data)
+    blocks = sorted(set(sit.parse_blocks(attn_blocks, len(teacher.vit.blocks), '--attn-blocks')))
+    images = np.load(os.path.join(data, 'images.npy'), mmap_mode='r')                  # (N, 3, R, R) uint8
+    n, t, heads = len(images), grid * grid, teacher.vit.blocks[0].attn.num_heads
+    tmp = out + '.tmp'
+    os.makedirs(tmp, exist_ok=True)
+    arrays = {k: np.lib.format.open_memmap(os.path.join(tmp, f'{k}.npy'), 'w+', dtype, shape) for k, dtype, shape in (
+        ('keys', np.uint8, (n, 20)), ('patch', np.float32, (n, t, teacher.dim)), ('cls', np.float32, (n, teacher.dim)),
+        ('attn', np.float32, (n, len(blocks), heads, 1 + t, 1 + t)))}
+    t0 = time.time()
+    for lo in range(0, n, batch_size):
+        x = torch.from_numpy(np.array(images[lo:lo + batch_size]))                     # (B, 3, R, R)
+        got = teacher(x, attn_blocks=blocks)
+        arrays['keys'][lo:lo + len(x)] = np.frombuffer(b''.join(sit.image_keys(x)), np.uint8).reshape(-1, 20)
+        arrays['patch'][lo:lo + len(x)] = got['patch'].numpy()                          # (B, T, D)
+        arrays['cls'][lo:lo + len(x)] = got['cls'].numpy()                              # (B, D)
+        arrays['attn'][lo:lo + len(x)] = torch.stack(got['attn'], 1).numpy()            # (B, blocks, H, 1+T, 1+T)
+        done, dt = lo + len(x), time.time() - t0
+        if done == n or (lo // batch_size) % 10 == 0:
+            log(f'teacher cache {done}/{n} images | {done / dt:.1f} img/s | eta {sit.format_time(dt / done * (n - done))}')
+    for a in arrays.values():
+        a.flush()
+    sit.write_json(os.path.join(tmp, 'cache.json'), dict(teacher=teacher_id, grid=grid, fp16=False, dim=teacher.dim,
+                                                         attn_blocks=blocks, count=n, data=os.path.abspath(data)))
+    if os.path.isdir(out):  # a folder without cache.json: an earlier build that did not finish
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    log(f'{out}: {n} images through {teacher_id} ({time.time() - t0:.0f} s), attention logits of blocks {blocks}')
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -757,6 +810,14 @@ def main(argv=None):
     r.add_argument('--autoencoder', default='stabilityai/sd-vae-ft-ema', help='decoder recorded in dataset.json')
     r.add_argument('--class-names', help='ImageNet train/ folder: its sorted sub-folder names become class_names')
     r.add_argument('--num-workers', type=int, default=8)
+    c = sub.add_parser('teacher-cache', help="a teacher's outputs on a prepared dataset, for --enc-cache (toy lab)")
+    c.add_argument('--data', default='data/toy', help='the prepared dataset')
+    c.add_argument('--enc', default='dinov2-s', help="the teacher, as the training scripts' --enc")
+    c.add_argument('--enc-ckpt', help="its weights, as --enc-ckpt (default: the hub; toy: DATA/teacher.safetensors)")
+    c.add_argument('--attn-blocks', default='-2,-1', help="teacher blocks whose attention logits HASTE reads "
+                   "(negative: from the last)")
+    c.add_argument('--patch-size', type=int, default=2, help='of the SiT that aligns to it (the token grid)')
+    c.add_argument('--out', help='default: DATA/cache-ENC')
     args = p.parse_args(argv)
     if args.source == 'toy':
         prepare_toy(args.out, args.per_class, args.resolution, args.seed, args.background)
@@ -766,6 +827,8 @@ def main(argv=None):
             prepare_toy_fd(args.out, args.seed)
     elif args.source == 'imagenet':
         prepare_imagenet(args)
+    elif args.source == 'teacher-cache':
+        prepare_teacher_cache(args.data, args.enc, args.enc_ckpt, args.attn_blocks, args.patch_size, args.out)
     else:
         prepare_repa(args.src, args.out, args.autoencoder, args.class_names, args.num_workers)
 

@@ -149,9 +149,9 @@ def resolve_sampler_flags(args):
         args.num_steps = 250 if args.mode == 'sde' else 50
     if args.num_samples < 1 or args.batch_size < 1 or args.seed < 0 or args.num_steps < 1:
         sit.fail('--num-samples, --batch-size and --num-steps must be positive and --seed non-negative')
-    if args.cfg_scale < 1:  # the official samplers would not guide (or refuse): refuse rather than mislabel a run
-        sit.fail(f'--cfg-scale {args.cfg_scale}: scales below 1 are not guidance here (REPA, REG and SiT guide only '
-                 f'above 1); use a scale >= 1 (1: no guidance)')
+    if args.cfg_scale < 1:  # as REPA's and SiT's scripts (an assert); REG's would silently not guide
+        sit.fail(f'--cfg-scale {args.cfg_scale}: scales below 1 are not guidance here (the official samplers guide '
+                 f'only above 1, and REPA\'s and SiT\'s refuse them); use a scale >= 1 (1: no guidance)')
     if args.cfg_channels < 0:
         sit.fail(f'--cfg-channels {args.cfg_channels}: give a number of leading latent channels, or 0 for all')
     return args

@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import shutil
 import signal
 import socket
@@ -236,8 +237,9 @@ class JointState(nn.Module):
 class ShiftNet(nn.Module):
     """CAR-Flow's condition-aware shift: class label -> a latent-shaped shift (C, S, S). A label embedding (its own
     table, with the null class), a linear map to a width x S/4 x S/4 grid, two (2x nearest upsample, 3x3 conv,
-    SiLU) stages and a 3x3 output conv, zero-initialised so training starts as plain flow matching. About 1.5M
-    parameters at 4x32x32 (the paper's conv nets: about 2.3M; either is under 0.6% of SiT-XL/2)."""
+    SiLU) stages and a 3x3 output conv, zero-initialised so training starts as plain flow matching. At width 128,
+    about 1.5M parameters at 4x32x32: both nets 0.44% of SiT-XL/2 (the paper's: under 0.6% extra). The toy preset
+    scales the width to that budget of SiT-T/2 (12: 0.59%)."""
 
     def __init__(self, num_classes, channels, size, emb_dim=128, width=128):
         super().__init__()
@@ -298,16 +300,18 @@ class SiT(nn.Module):
     cls_dim > 0 adds REG's class token: model(x, t, y, cls=token) with token (N, cls_dim) prepended at position 0
     (Linear -> LayerNorm, REG's names cls_projectors2 / wg_norm; pos_embed gets a zero row 0); the projectors see all
     1 + T tokens and aux['cls'] is the token's velocity (N, cls_dim).
-    shifts='source' | 'target' | 'joint' adds CAR-Flow's shift networks (shift_source: mu0, shift_target: mu1);
+    shifts='source' | 'target' | 'joint' adds CAR-Flow's shift networks (shift_source: mu0, shift_target: mu1;
+    shift_width: their channels);
     model(x, t, y) then works in ordinary coordinates (see unshifted_velocity) and model(z, t, y, shifted=True)
     is the network on shifted coordinates, which CAR-Flow's loss trains.
     """
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=False,
-                 z_dims=(), projector_dim=2048, encoder_depth=8, cls_dim=0, shifts=''):
+                 z_dims=(), projector_dim=2048, encoder_depth=8, cls_dim=0, shifts='', shift_width=128):
         super().__init__()
         self.in_channels, self.patch_size, self.num_classes = in_channels, patch_size, num_classes
+        self.hidden_size = hidden_size  # the tokens' width, for modules a method adds (its projector's input)
         # learn_sigma only so DiT/SiT checkpoints (8 output channels) load; the velocity is the first C channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
         self.encoder_depth = encoder_depth
@@ -329,9 +333,9 @@ class SiT(nn.Module):
             fail(f"CAR-Flow shifts {shifts!r}: use source, target or joint")
         self.has_shifts = bool(shifts)
         if shifts in ('source', 'joint'):  # built after the DiT initialisation, which would overwrite their zero init
-            self.shift_source = ShiftNet(num_classes, in_channels, input_size)
+            self.shift_source = ShiftNet(num_classes, in_channels, input_size, shift_width, shift_width)
         if shifts in ('target', 'joint'):
-            self.shift_target = ShiftNet(num_classes, in_channels, input_size)
+            self.shift_target = ShiftNet(num_classes, in_channels, input_size, shift_width, shift_width)
 
     def initialize_weights(self):  # DiT's initialisation, with adaLN-Zero
         def _basic_init(m):
@@ -425,14 +429,16 @@ def build_model(name, **kwargs):
 
 # only train_haste.py parses block lists; here because moving it would push the repa -> haste diff past 60 lines
 def parse_blocks(spec, depth, flag, count=None):
-    """'4,5,6,7' -> (4, 5, 6, 7): 0-based block indices below depth (and `count` of them), or one line naming flag."""
+    """'4,5,6,7' -> (4, 5, 6, 7): 0-based block indices below depth (and `count` of them), or one line naming flag.
+    Negative ones count from the end, as in Python: '-2,-1' is the last two blocks of any depth."""
     try:
         blocks = tuple(int(b) for b in spec.split(','))
     except ValueError:
         blocks = ()
-    if not blocks or not all(0 <= b < depth for b in blocks) or count not in (None, len(blocks)):
-        fail(f"{flag} {spec!r}: expected {count or 'some'} comma-separated block indices in 0..{depth - 1}")
-    return blocks
+    if not blocks or not all(-depth <= b < depth for b in blocks) or count not in (None, len(blocks)):
+        fail(f"{flag} {spec!r}: expected {count or 'some'} comma-separated block indices in 0..{depth - 1} (or "
+             f"-{depth}..-1 from the end)")
+    return tuple(b % depth for b in blocks)
 
 
 # -----------------------------------------------------------------------------
@@ -475,8 +481,8 @@ def sample_latents(moments, meta):
 def guided_velocity(model, x, t, y, cfg_scale=1.0, guidance_low=0.0, guidance_high=1.0, guide=None,
                     cfg_channels=0):
     """v(x, t | y), classifier-free guided only while guidance_low <= t <= guidance_high and cfg_scale > 1: the
-    official samplers' rule (REPA's, REG's and SiT's guide only above 1, so a scale below 1 samples without
-    guidance there and here; sample.py refuses such scales in one line). Outside the interval (or at scale <= 1)
+    official samplers' rule (REPA's, REG's and SiT's guide only above 1; REPA's and SiT's scripts refuse scales
+    below 1, and so does sample.py, in one line). Outside the interval (or at scale <= 1)
     only the conditional half runs: no doubled batch. `guide` overrides the interval test with a decision the
     caller already made (Heun's second evaluation, see euler_sampler). cfg_channels = k > 0 guides the first k
     channels only and gives the others the conditional velocity, as SiT's and DiT's forward_with_cfg do (k = 3 of
@@ -615,6 +621,7 @@ def sample(model, noise, y, mode='sde', num_steps=250, heun=False, cfg_scale=1.0
 
 DATASET_FORMAT = 1
 
+
 def read_dataset_meta(path):
     meta_path = os.path.join(path, 'dataset.json')
     if not os.path.isdir(path):
@@ -670,7 +677,8 @@ class PreparedDataset(torch.utils.data.Dataset):
 
 
 # -----------------------------------------------------------------------------
-# Frozen DINOv2 teacher (timm's port of facebookresearch/dinov2, as REPA uses it)
+# The frozen teacher: DINOv2 (timm's port of facebookresearch/dinov2, as REPA uses it) or the toy teacher, and the
+# cache of its outputs
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # timm.data's IMAGENET_DEFAULT_*
 # no-register variants, as in REPA; ViT-B/14 is the papers' default
@@ -805,10 +813,73 @@ def load_toy_teacher(weights, grid, data_path):
     return vit
 
 
-def load_teacher(name='dinov2-b', weights=None, grid=16, device='cpu', fp16=False, data_path=None):
-    """weights: None -> timm hub download (the toy teacher: DATA_PATH/teacher.safetensors), PATH -> local
-    checkpoint, 'random' -> random init (mechanics only).
-    fp16: run the forward under fp16 autocast (the training scripts do when they train in mixed precision)."""
+def teacher_id(name, weights=None, data_path=None):
+    """The teacher as a teacher cache records it: its name and its weights' content (SHA-1 of the file), so a cache
+    is never read for another teacher. Hub weights are named by their timm tag."""
+    if weights == 'random':
+        fail(f"--enc-ckpt random: a random teacher differs in every process and cannot be cached; drop --enc-cache")
+    path = toy_teacher_config(weights, data_path)[0] if name == 'toy' else weights
+    if path is None:
+        return f'{name} (timm hub: {DINOV2.get(name, name)})'
+    if not os.path.isfile(path):
+        fail(f"teacher weights not found: {path}")
+    h = hashlib.sha1()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 24), b''):
+            h.update(chunk)
+    return f'{name} ({os.path.basename(path)}, sha1 {h.hexdigest()[:12]})'
+
+
+def image_keys(images):
+    """uint8 images (N, 3, R, R) -> the SHA-1 of each image's bytes: what finds an image's row in a teacher cache."""
+    return [hashlib.sha1(x.tobytes()).digest() for x in images.cpu().numpy()]
+
+
+class TeacherCache:
+    """A frozen teacher's outputs on a prepared dataset's images, computed once by prepare.py teacher-cache, read
+    instead of running the ViT. Exact where the images are the dataset's own, unaugmented (the toy set: our training
+    scripts never augment): each image's row is found by the SHA-1 of its bytes, so any batch, order, sampler or
+    world size finds the same outputs the live teacher gives, to float rounding (it ran in other batches).
+    Called as Teacher is: cache(images, attn_blocks) -> dict(patch, cls[, attn]); attn only for the blocks it holds.
+    Folder: cache.json (the teacher, its weights' SHA-1, grid, precision, blocks), keys.npy (N, 20) uint8, patch.npy
+    (N, T, D), cls.npy (N, D), attn.npy (N, len(blocks), heads, 1 + T, 1 + T), all float32 in images.npy's order."""
+
+    def __init__(self, folder, teacher, grid, fp16, device):
+        path = os.path.join(folder, 'cache.json')
+        if not os.path.isfile(path):
+            fail(f"--enc-cache {folder}: no teacher cache there (no cache.json); make it with `python prepare.py "
+                 f"teacher-cache --data DATA --enc NAME [--enc-ckpt PATH] --out {folder}`")
+        with open(path) as f:
+            meta = json.load(f)
+        want = dict(teacher=teacher, grid=grid, fp16=fp16)
+        diff = [f'{k} {meta.get(k)!r} (this run: {v!r})' for k, v in want.items() if meta.get(k) != v]
+        if diff:
+            fail(f"--enc-cache {folder} was made for another teacher: {', '.join(diff)}; make one for this run with "
+                 f"prepare.py teacher-cache, or drop --enc-cache")
+        self.device, self.blocks, self.dim, self.grid = device, meta['attn_blocks'], meta['dim'], grid
+        self.arrays = {k: np.load(os.path.join(folder, f'{k}.npy'), mmap_mode='r') for k in ('patch', 'cls', 'attn')}
+        keys = np.load(os.path.join(folder, 'keys.npy'))
+        self.rows = {k.tobytes(): i for i, k in enumerate(keys)}
+        self.folder = folder
+
+    def __call__(self, images, attn_blocks=()):
+        rows = [self.rows.get(k) for k in image_keys(images)]
+        if None in rows:
+            fail(f"an image of this batch is not in the teacher cache {self.folder} (another dataset, or augmented "
+                 f"images); make the cache from this --data-path, or drop --enc-cache")
+        missing = [b for b in attn_blocks if b not in self.blocks]
+        if missing:
+            fail(f"the teacher cache {self.folder} holds the attention logits of blocks {self.blocks}, not {missing}; "
+                 f"make it with --attn-blocks covering them, or drop --enc-cache")
+        rows = np.array(rows)
+        get = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+        out = dict(patch=get(self.arrays['patch'][rows]), cls=get(self.arrays['cls'][rows]))   # (N, T, D), (N, D)
+        if attn_blocks:
+            out['attn'] = [get(self.arrays['attn'][rows, self.blocks.index(b)]) for b in attn_blocks]  # [(N, H, 1+T, 1+T)]
+        return out
+
+
+def _build_teacher(name, weights, grid, device, fp16, data_path):
     if name == 'toy':
         return Teacher(load_toy_teacher(weights, grid, data_path), grid, fp16).to(device).eval().requires_grad_(False)
     if name not in DINOV2:
@@ -835,6 +906,20 @@ def load_teacher(name='dinov2-b', weights=None, grid=16, device='cpu', fp16=Fals
                  f"is reachable, or get model.safetensors elsewhere (`pip install huggingface_hub && hf "
                  f"download timm/{arch}`) and pass --enc-ckpt PATH")
     return Teacher(vit, grid, fp16).to(device).eval().requires_grad_(False)
+
+
+def load_teacher(name='dinov2-b', weights=None, grid=16, device='cpu', fp16=False, data_path=None, cache=None):
+    """weights: None -> timm hub download (the toy teacher: DATA_PATH/teacher.safetensors), PATH -> local
+    checkpoint, 'random' -> random init (mechanics only).
+    fp16: run the forward under fp16 autocast (the training scripts do when they train in mixed precision).
+    cache: a folder of this teacher's outputs on the dataset's images (prepare.py teacher-cache): read instead of
+    running the ViT, which is then not built (TeacherCache)."""
+    if cache:
+        return TeacherCache(cache, teacher_id(name, weights, data_path), grid, fp16, device)
+    # built without drawing from the global RNG, so the student the script builds next starts from the same weights
+    # whichever teacher (or teacher cache) it aligns to
+    with torch.random.fork_rng(devices=[]):
+        return _build_teacher(name, weights, grid, device, fp16, data_path)
 
 
 # =============================================================================
@@ -1368,13 +1453,29 @@ def parse_config(defaults, presets, argv, doc, source):
             continue
         kind = boolean if isinstance(v, bool) else type(v)
         p.add_argument('--' + k.replace('_', '-'), type=kind, metavar=kind.__name__.upper(),
-                       help=f"{notes.get(k, '')} (default: {v if v != '' else 'none'})")
+                       help=f"{notes.get(k, '')} (default: {v if v != '' else 'none'})".replace('%', '%%'))  # argparse formats help with %
     args = p.parse_args(argv)
     cfg = dict(defaults)
     if args.preset:
         cfg.update(presets[args.preset])
     cfg.update({k: v for k, v in vars(args).items() if v is not None and k != 'preset'})
     return cfg
+
+
+def machine():
+    """This machine in a few words, for measurements: the CPU model and cores (or the GPU), torch's version."""
+    cpu = platform.processor() or 'CPU'
+    with contextlib.suppress(OSError):
+        with open('/proc/cpuinfo') as f:
+            cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), cpu)
+    gpu = f', {torch.cuda.device_count()}x {torch.cuda.get_device_name()}' if torch.cuda.is_available() else ''
+    return f'{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}'
+
+
+def write_report(path, command, lines):
+    """A measurement as markdown for docs/: the command, today's date and this machine, then what it printed."""
+    with open(path, 'w') as f:
+        f.write(f"`{command}` on {time.strftime('%Y-%m-%d')}, {machine()}:\n\n```\n" + '\n'.join(lines) + '\n```\n')
 
 
 def format_time(seconds):

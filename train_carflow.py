@@ -5,10 +5,11 @@ train_carflow.py: CAR-Flow (arXiv 2509.19300) = SiT between class-shifted noise 
   L = mean over (C, H, W) of (model(z_t, t, y) - (eps + mu0(y) - x - mu1(y)))^2,  z_t = (1 - t)(x + mu1) + t(eps + mu0)
   mu0, mu1: small conv nets of the label (sit.ShiftNet) trained by the same loss; shifts only (a scale collapses)
 
-Defaults (the paper's): SiT-XL/2, global batch 256, AdamW lr 1e-4 constant, grad clip 1.0, EMA 0.9999, 400K steps,
-label dropout 0.1 (for CFG); latents drawn each step from the VAE moments prepare.py stored. --help: every flag.
+Defaults (REPA's recipe, shared by every script; SiT's own code does not clip and flips images: docs/reproducing.md):
+SiT-XL/2, global batch 256, AdamW lr 1e-4 constant, grad clip 1.0, EMA 0.9999, 400K steps, label dropout 0.1 (for
+CFG); latents drawn each step from the VAE moments prepare.py stored. --help: every flag.
 CAR-Flow's: --shifts joint (or source, target); the shift nets' last conv is zero, so step 0 is vanilla's.
-Paper (ImageNet 256, FID-50K, SiT's Heun SDE at 250 evaluations: --protocol carflow; its CFG scale is unpublished):
+Paper (ImageNet 256, FID-50K, SiT's Heun SDE at "250 NFEs", --protocol carflow: 125 steps, 249; CFG unpublished):
 SiT-XL/2 with CFG 2.07 (vanilla) -> 1.68 (joint shifts). Our choices where the paper is silent: docs/methods.md.
 
   torchrun --nproc_per_node=8 train_carflow.py --data-path data/imagenet256      # SiT-XL/2, joint shifts
@@ -66,7 +67,10 @@ RUN_KEYS = {'data_path', 'out', 'resume', 'grad_accum', 'max_steps', 'log_every'
 config.update(
     method='carflow',
     shifts='joint',                # CAR-Flow variant: source (mu0 only), target (mu1 only) or joint (both, best)
+    shift_width=128,               # channels of the shift nets: 2 x 1.5M parameters, 0.44% of SiT-XL/2's
 )
+# toy: the paper's parameter budget (under 0.6% of the model) at SiT-T/2's size: width 12, 2 x 5.6K (0.59%)
+presets['toy'].update(shift_width=12)
 # <<< method
 
 # -----------------------------------------------------------------------------
@@ -129,12 +133,16 @@ def main(argv=None):
     model_args = dict(input_size=meta['latent_size'], in_channels=meta['latent_channels'],
                       num_classes=meta['num_classes'], class_dropout_prob=cfg['label_dropout'])
     # >>> method: model
-    model_args.update(shifts=cfg['shifts'])  # in the model, so they are clipped, EMA'd and checkpointed with it
+    model_args.update(shifts=cfg['shifts'], shift_width=cfg['shift_width'])  # in the model: clipped, EMA'd, saved
     # <<< method
     if ckpt is not None and ckpt['model_args'] != model_args:
         sit.fail(f"the checkpoint's model was built for {ckpt['model_args']} but the data at "
                  f"'{cfg['data_path']}' gives {model_args}; pass the original --data-path")
     model = sit.build_model(cfg['model'], **model_args).to(device)
+    # modules a method adds to the built model, or swaps for one of its own, go here: the optimizer, EMA, DDP and
+    # checkpoints below take them
+    # >>> method: modules
+    # <<< method
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg['lr'], betas=(0.9, 0.999),
                             eps=1e-8, weight_decay=0.0, fused=cuda)

@@ -7,8 +7,9 @@ train_haste.py: HASTE (Wang et al. 2025, arXiv 2505.16792) = REPA + attention al
   + attn_coeff * L_attn while step < tau; from tau on L = L_v, without teacher, projector or image reads (vanilla's
   cost); L_attn = cross-entropy of SiT's attention over the patch tokens against the teacher's (attention_loss)
 
-Defaults (the paper's): SiT-XL/2, global batch 256, AdamW lr 1e-4 constant, grad clip 1.0, EMA 0.9999, 400K steps,
-label dropout 0.1 (for CFG); latents drawn each step from the VAE moments prepare.py stored. --help: every flag.
+Defaults (REPA's recipe, shared by every script; SiT's own code does not clip and flips images: docs/reproducing.md):
+SiT-XL/2, global batch 256, AdamW lr 1e-4 constant, grad clip 1.0, EMA 0.9999, 400K steps, label dropout 0.1 (for
+CFG); latents drawn each step from the VAE moments prepare.py stored. --help: every flag.
 REPA's: h = SiT's tokens after block encoder_depth 8 (4 for SiT-B), projector D -> 2048 -> 2048 -> 768, proj_coeff
 0.5; teacher DINOv2-B/14 (timm; --enc-ckpt PATH offline), frozen, on the clean image at 14 px per SiT token.
 HASTE's: SiT blocks 4-7 (0-based; first 12 heads) against DINOv2 blocks 8-11, attn_coeff 0.5, tau 250K (50 epochs).
@@ -70,19 +71,22 @@ config.update(
     method='haste',
     enc='dinov2-b',                # teacher: DINOv2 ViT-B/14 as the paper; 'dinov2-s', '-l', '-g'; 'toy'
     enc_ckpt='',                   # teacher weights: '' = the hub (toy: in --data-path), a local file, or 'random'
+    enc_cache='',                  # the teacher's outputs made once by prepare.py teacher-cache: same loss, no ViT
     encoder_depth=8,               # align the tokens after this block (1-based): 8 for SiT-L/XL, 4 for SiT-B
     projector_dim=2048,            # projector MLP D -> 2048 -> 2048 -> teacher width, SiLU between
     proj_coeff=0.5,                # L = L_v + proj_coeff * L_proj
     attn_coeff=0.5,                # ... + attn_coeff * L_attn while step < tau; L = L_v from tau on
     attn_student='4,5,6,7',        # SiT blocks (0-based) whose attention logits are aligned ...
-    attn_teacher='8,9,10,11',      # ... with these DINOv2 blocks, in order (the last four of ViT-B)
+    attn_teacher='8,9,10,11',      # ... with these teacher blocks, in order (the last four of ViT-B; -1: the last)
     tau=250_000,                   # alignment ends for good at this optimizer step (phase II: L = L_v)
 )
-# toy: the toy teacher, a 4-block ViT trained on the toy set and saved beside it (prepare.py toy --teacher; a
-# random DINOv2 cannot speed anything up, --enc dinov2-s --enc-ckpt random still runs one); a projector for SiT-T
+# toy: the toy teacher, a 4-block ViT trained on the toy set and saved beside it (prepare.py toy --teacher), or
+# --enc dinov2-s: DINOv2-S sees the 16 px image at 112 px, an 8x8 token grid as SiT-T/2's (lab.py's default); a
+# projector for SiT-T
 presets['toy'].update(enc='toy', enc_ckpt='', encoder_depth=2, projector_dim=256)
-presets['toy'].update(attn_student='2,3', attn_teacher='2,3', tau=500)  # SiT-T 2-3 of 6, teacher 2-3 of 4; tau: mid-run
-RUN_KEYS.add('enc_ckpt')
+# SiT-T's blocks 2-3 of 6 with the teacher's last two (toy: 2-3 of 4, DINOv2-S: 10-11 of 12); tau: mid-run
+presets['toy'].update(attn_student='2,3', attn_teacher='-2,-1', tau=500)
+RUN_KEYS.update({'enc_ckpt', 'enc_cache'})  # the weights file may move; a cache changes no number
 # <<< method
 
 # -----------------------------------------------------------------------------
@@ -160,13 +164,17 @@ def main(argv=None):
     # the teacher sees 14 px per SiT token (a 16x16 token grid -> 224 px), so its patch tokens line up one-to-one
     grid = meta['latent_size'] // int(cfg['model'].split('/')[1])
     teacher = sit.load_teacher(cfg['enc'], cfg['enc_ckpt'] or None, grid=grid, device=device, fp16=bf16,
-                               data_path=cfg['data_path'])
+                               data_path=cfg['data_path'], cache=cfg['enc_cache'])
     model_args.update(z_dims=[teacher.dim], projector_dim=cfg['projector_dim'], encoder_depth=cfg['encoder_depth'])
     # <<< method
     if ckpt is not None and ckpt['model_args'] != model_args:
         sit.fail(f"the checkpoint's model was built for {ckpt['model_args']} but the data at "
                  f"'{cfg['data_path']}' gives {model_args}; pass the original --data-path")
     model = sit.build_model(cfg['model'], **model_args).to(device)
+    # modules a method adds to the built model, or swaps for one of its own, go here: the optimizer, EMA, DDP and
+    # checkpoints below take them
+    # >>> method: modules
+    # <<< method
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg['lr'], betas=(0.9, 0.999),
                             eps=1e-8, weight_decay=0.0, fused=cuda)

@@ -5,8 +5,9 @@ train_vanilla.py: SiT (Ma et al. 2024, arXiv 2401.08740) trained by plain veloci
   L_v = mean over (C, H, W) of (model(x_t, t, y) - (eps - x))^2,  x_t = (1 - t) x + t eps,  t ~ U(0, 1), 0 = data
   L = L_v
 
-Defaults (the paper's): SiT-XL/2, global batch 256, AdamW lr 1e-4 constant, grad clip 1.0, EMA 0.9999, 400K steps,
-label dropout 0.1 (for CFG); latents drawn each step from the VAE moments prepare.py stored. --help: every flag.
+Defaults (REPA's recipe, shared by every script; SiT's own code does not clip and flips images: docs/reproducing.md):
+SiT-XL/2, global batch 256, AdamW lr 1e-4 constant, grad clip 1.0, EMA 0.9999, 400K steps, label dropout 0.1 (for
+CFG); latents drawn each step from the VAE moments prepare.py stored. --help: every flag.
 Paper (ImageNet 256, FID-50K, SDE 250 steps): SiT-XL/2 17.2 at 400K steps without CFG (sample.py --protocol
 repa-nocfg); SiT's 7M-step release 2.06 with CFG 1.5 on 3 of 4 channels (--protocol sit).
 
@@ -117,6 +118,10 @@ def main(argv=None):
         sit.fail(f"the checkpoint's model was built for {ckpt['model_args']} but the data at "
                  f"'{cfg['data_path']}' gives {model_args}; pass the original --data-path")
     model = sit.build_model(cfg['model'], **model_args).to(device)
+    # modules a method adds to the built model, or swaps for one of its own, go here: the optimizer, EMA, DDP and
+    # checkpoints below take them
+    # >>> method: modules
+    # <<< method
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg['lr'], betas=(0.9, 0.999),
                             eps=1e-8, weight_decay=0.0, fused=cuda)

@@ -244,3 +244,32 @@ def test_protocol_overrides_with_the_shared_parser(env):
     assert evaluate.parse_args(common).overrides == []
     plain = evaluate.parse_args([env['run'], '--ref', env['ref'], '--mode', 'ode'])
     assert (plain.protocol, plain.overrides, plain.num_steps, plain.num_samples) == (None, [], 50, 10_000)
+
+
+def test_baseline_table_by_hand(tmp_path):
+    """--plot --baseline RUN: for each of RUN's checkpoints, the steps (and images) another run needs to reach its
+    FID, interpolated linearly in log FID between the two checkpoints around it, and the ratio; by hand."""
+    def fake_run(name, fids, batch):
+        run = tmp_path / name
+        run.mkdir()
+        with open(run / 'eval.jsonl', 'w') as f:
+            for step, value in fids.items():
+                f.write(json.dumps(dict(run=str(run), checkpoint=f'checkpoints/{step:07d}.pt', step=step,
+                                        images_seen=step * batch, method=name, model='SiT-B/2', num_samples=10_000,
+                                        metrics={'fid': value}, protocol={'protocol': 'repa-nocfg', 'mode': 'sde',
+                                        'heun': False, 'num_steps': 250, 'cfg_scale': 1.0, 'seed': 0, 'weights': 'ema'},
+                                        reference={'path': 'ref.npz', 'sha1': 'ab' * 20, 'features': {}})) + '\n')
+        return str(run)
+    base = fake_run('vanilla', {100: 8.0, 200: 4.0, 300: 2.0}, 256)
+    other = fake_run('repa', {100: 6.0, 200: 3.0, 300: 1.5}, 256)
+    slow = fake_run('slow', {100: 9.0, 200: 8.0, 300: 5.0}, 128)
+    out = str(tmp_path / 'fid.png')
+    evaluate.main([base, other, slow, '--plot', '--baseline', base, '--out', out])
+    md = open(out[:-4] + '.md').read()
+    s4 = 100 + 100 * np.log(6 / 4) / np.log(2)        # 6 -> 3 between steps 100 and 200 crosses 4 at 158.5
+    s2 = 200 + 100 * np.log(3 / 2) / np.log(2)        # 3 -> 1.5 between 200 and 300 crosses 2 at 258.5
+    assert f'| 100 | 8 | 100, 25,600 img (1.00x) | 200, 25,600 img (0.50x) |' in md   # repa is there at once
+    assert f'| 200 | 4 | {s4:,.0f}, {s4 * 256:,.0f} img ({200 / s4:.2f}x) | not reached |' in md
+    assert f'| 300 | 2 | {s2:,.0f}, {s2 * 256:,.0f} img ({300 / s2:.2f}x) | not reached |' in md
+    assert '(1.26x)' in md and '(1.16x)' in md
+    assert '--baseline' in one_line_error(evaluate.main, [other, '--plot', '--baseline', base, '--out', out])

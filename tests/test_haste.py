@@ -155,3 +155,11 @@ def test_two_ranks_cross_tau(toy, tmp_path):
     assert all(torch.equal(v, w1[k]) for k, v in w0.items())
     logged = [json.loads(line) for line in open(out / 'metrics.jsonl')]
     assert [m['attn'] == 0 for m in logged] == [False] * 3 + [True] * 3
+
+
+def test_teacher_blocks_count_from_the_end():
+    """'-2,-1' (the toy preset's --attn-teacher) is the teacher's last two blocks whatever its depth: the toy
+    teacher's 2, 3 and DINOv2-S's 10, 11; out of range is one line."""
+    assert sit.parse_blocks('-2,-1', 4, '--attn-teacher') == (2, 3)
+    assert sit.parse_blocks('-2,-1', 12, '--attn-teacher') == (10, 11) == sit.parse_blocks('10,11', 12, 'x')
+    assert '-12..-1' in one_line_error(sit.parse_blocks, '-13', 12, '--attn-teacher')

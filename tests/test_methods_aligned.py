@@ -33,3 +33,20 @@ def test_the_check_bites():
     inside = text.replace("config['method'] = 'vanilla'", "config['method'] = 'other'")
     assert SLOT.sub(lambda m: f'<slot {m.group(1)}>\n', inside) == base
     assert len(SCRIPTS) >= 1
+
+
+def test_method_diffs_stay_small_and_the_docs_give_their_size():
+    """Each method's diff of its parent (GNU diff's changed lines, docstrings included) is at most 60 lines, and
+    docs/methods.md states the sizes as they are."""
+    import subprocess
+
+    def changed(a, b):
+        out = subprocess.run(['diff', os.path.join(ROOT, a), os.path.join(ROOT, b)], capture_output=True, text=True)
+        return sum(line[:1] in '<>' for line in out.stdout.splitlines())
+    n = {b: changed(a, b) for a, b in (('train_vanilla.py', 'train_repa.py'), ('train_repa.py', 'train_haste.py'),
+                                      ('train_repa.py', 'train_reg.py'), ('train_vanilla.py', 'train_carflow.py'))}
+    assert max(n.values()) <= 60, n
+    doc = open(os.path.join(ROOT, 'docs', 'methods.md')).read()
+    said = (f"({n['train_haste.py']}, {n['train_reg.py']} and {n['train_carflow.py']} changed lines; REPA's diff of "
+            f"vanilla has {n['train_repa.py']})")
+    assert said in ' '.join(doc.split()), said

@@ -70,7 +70,7 @@ def test_toy_presets_use_the_toy_teacher(toy, tmp_path, capsys):
     for train in (train_repa, train_haste, train_reg):
         assert train.presets['toy']['enc'] == 'toy' and train.presets['toy']['enc_ckpt'] == ''
     blocks = sit.parse_blocks(train_haste.presets['toy']['attn_teacher'], sit.TOY_TEACHER['depth'], '--attn-teacher')
-    assert list(blocks) == [2, 3]  # the toy teacher's last two, as the paper's are ViT-B's last four
+    assert list(blocks) == [2, 3]  # the toy teacher's last two ('-2,-1'), as the paper's are ViT-B's last four
     train_haste.main(['--preset', 'toy', '--data-path', toy, '--out', str(tmp_path / 'run'), '--max-steps', '1',
                       '--global-batch', '8', '--sample-every', '0'])
     assert 'RANDOM' not in capsys.readouterr().err
@@ -137,7 +137,7 @@ def test_toy_fd_is_the_frechet_distance_of_toynet_features(toy_fd, tmp_path):
 
 def test_toy_fd_behaves_as_a_metric(toy_fd, tmp_path):
     """A second held-out set is near 0; the corruptions score above it, more so the stronger they are (noise of std
-    8 of 255 is below what the toy FD sees: the README's numbers)."""
+    8 of 255 is below what the toy FD sees, so it is only ordered against the stronger noise)."""
     _, ref = toy_fd
     fd = {name: fid.evaluate(save_npz(tmp_path / f'{i}.npz', x), ref, features='toy', device='cpu')['fd_toy']
           for i, (name, x) in enumerate(corrupted(100, seed=3).items())}  # REF's features: once, then cached
@@ -198,3 +198,70 @@ def test_textured_background_is_the_harder_variant(tmp_path, monkeypatch, capsys
     assert seen['background'] == 'textured'
     assert json.loads((out / 'fd.json').read_text())['background'] == 'textured'
     assert corner_spread(np.load(out / 'fd_ref.npz')['arr_0'][:200].transpose(0, 3, 1, 2)).min() > 10
+
+
+# -----------------------------------------------------------------------------
+# the teacher cache (prepare.py teacher-cache, --enc-cache)
+
+def test_teacher_cache_trains_exactly_as_the_live_teacher(toy, tmp_path):
+    """The teacher's outputs made once, then three steps of HASTE (patch tokens, and the attention logits until
+    tau) and of REG (its class token) with --enc-cache: the same losses and the same weights, bit for bit, as with
+    the live toy teacher. The batches are shuffled, so each image's row is found by its bytes."""
+    cache = prepare.prepare_teacher_cache(toy, 'toy', out=str(tmp_path / 'cache'), log=lambda s: None)
+    common = ['--preset', 'toy', '--data-path', toy, '--max-steps', '3', '--global-batch', '16', '--sample-every', '0',
+              '--log-every', '1']
+    for train, extra in ((train_haste, ['--tau', '2']), (train_reg, [])):
+        runs = [str(tmp_path / f"{train.config['method']}-{kind}") for kind in ('live', 'cached')]
+        live = train.main(common + extra + ['--out', runs[0]]).state_dict()
+        cached = train.main(common + extra + ['--out', runs[1], '--enc-cache', cache]).state_dict()
+        assert all(torch.equal(live[k], cached[k]) for k in live), train.config['method']
+        logs = [[{k: v for k, v in json.loads(line).items() if k != 'img_per_s'}
+                 for line in open(os.path.join(r, 'metrics.jsonl'))] for r in runs]
+        assert logs[0] == logs[1] and len(logs[0]) == 3
+    with open(os.path.join(cache, 'cache.json')) as f:
+        meta = json.load(f)
+    assert meta['attn_blocks'] == [2, 3] and meta['count'] == 120 and meta['teacher'].startswith('toy (teacher.')
+
+
+def test_teacher_cache_of_dinov2_gives_the_live_losses(toy, tmp_path):
+    """The lab's teacher, DINOv2-S (random weights from a file), live and from its cache: the training losses of
+    HASTE (patch tokens and attention logits, before tau) and REG (patch and class tokens) agree to float rounding.
+    Not bit for bit as with the toy teacher: the cache ran the ViT on batches of 50, training on batches of 16."""
+    import timm
+    from safetensors.torch import save_file
+    weights = str(tmp_path / 'dinov2_s.safetensors')
+    torch.manual_seed(0)
+    save_file(timm.create_model(sit.DINOV2['dinov2-s'], pretrained=False, num_classes=0).state_dict(), weights)
+    enc = ['--enc', 'dinov2-s', '--enc-ckpt', weights]
+    cache = prepare.prepare_teacher_cache(toy, 'dinov2-s', weights, out=str(tmp_path / 'cache'), log=lambda s: None)
+    common = ['--preset', 'toy', '--data-path', toy, '--global-batch', '16', '--sample-every', '0', '--log-every', '1']
+    for train, extra in ((train_haste, ['--max-steps', '2', '--tau', '2']), (train_reg, ['--max-steps', '1'])):
+        runs = [str(tmp_path / f"{train.config['method']}-{kind}") for kind in ('live', 'cached')]
+        train.main(common + enc + extra + ['--out', runs[0]])
+        train.main(common + enc + extra + ['--out', runs[1], '--enc-cache', cache])
+        logs = [[json.loads(line) for line in open(os.path.join(r, 'metrics.jsonl'))] for r in runs]
+        keys = [k for k in logs[0][0] if k not in ('step', 'img_per_s')]
+        assert {'loss', 'loss_v', 'proj'} <= set(keys), keys            # the total and each term (HASTE's attn)
+        for live, cached in zip(*logs):
+            for k in keys:
+                assert cached[k] == pytest.approx(live[k], rel=1e-5, abs=1e-7), (train.config['method'], k)
+
+
+def test_teacher_cache_refuses_what_it_does_not_hold(toy, tmp_path):
+    cache = prepare.prepare_teacher_cache(toy, 'toy', out=str(tmp_path / 'cache'), log=lambda s: None)
+    other = tmp_path / 'other'
+    other.mkdir()
+    for f in ('teacher.safetensors', 'teacher.json'):
+        (other / f).write_bytes(open(os.path.join(toy, f), 'rb').read() + (b' ' if f.endswith('json') else b''))
+    (other / 'teacher.safetensors').write_bytes((other / 'teacher.safetensors').read_bytes()[:-1] + b'\x00')
+    msg = one_line_error(sit.load_teacher, 'toy', str(other / 'teacher.safetensors'), grid=8, data_path=toy, cache=cache)
+    assert 'made for another teacher' in msg and 'sha1' in msg
+    assert 'grid 8 (this run: 4)' in one_line_error(sit.load_teacher, 'toy', grid=4, data_path=toy, cache=cache)
+    assert 'cannot be cached' in one_line_error(sit.load_teacher, 'toy', 'random', grid=8, cache=cache)
+    assert 'no teacher cache there' in one_line_error(sit.load_teacher, 'toy', grid=8, data_path=toy,
+                                                      cache=str(tmp_path))
+    cached = sit.load_teacher('toy', grid=8, data_path=toy, cache=cache)
+    images = torch.from_numpy(np.load(os.path.join(toy, 'images.npy'))[[5, 3]])
+    assert cached(images)['patch'].shape == (2, 64, sit.TOY_TEACHER['embed_dim'])
+    assert 'not in the teacher cache' in one_line_error(cached, images.flip(-1))     # an augmented image
+    assert 'blocks [2, 3], not [0]' in one_line_error(cached, images, attn_blocks=(0,))
