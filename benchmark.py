@@ -3,14 +3,16 @@ benchmark.py: training-step time of each method over vanilla's, measured in one 
 
   python benchmark.py                        # CPU here: SiT-S/2 on ImageNet-shaped random data, batch 16
   python benchmark.py --model SiT-XL/2 --batch 64 --steps 50      # on a GPU machine: one GPU, bf16
-  python benchmark.py --toy data/toy         # the toy lab's setting: --preset toy, its teacher, one thread each
+  python benchmark.py --toy data/toy         # --preset toy on the toy set, its toy teacher, one thread each
+  python benchmark.py --toy data/toy --enc-ckpt data/dinov2_small.safetensors   # the toy lab's setting
 
 Each method's real script runs as its own process on the same synthetic prepared dataset (random 256 px images
 and 4x32x32 latent moments, 1000 classes), with random-weight DINOv2-B teachers (speed does not depend on the
 weights). The rate is read from the script's own log line after a warm-up interval, so data loading, the teacher,
 the optimizer and the EMA are all in it. Ratios are what to compare; absolute numbers depend on the machine.
-With --toy DATA the scripts run as lab.py runs them instead: --preset toy (SiT-T/2, global batch 64) on the toy
-set in DATA with its trained toy teacher, one thread per process (--model and --batch do not apply).
+With --toy DATA the scripts run on the toy set instead: --preset toy (SiT-T/2, global batch 64) in DATA, one
+thread per process (--model and --batch do not apply), aligned to its trained toy teacher; with --enc-ckpt PATH as
+lab.py runs them: to DINOv2-S (those weights), its outputs read from DATA/cache-dinov2-s (lab.py makes it).
 
 FLOPs: one training step of each script (its own main(), one process, 2 images) runs under torch's
 FlopCounterMode, which counts matrix products, convolutions and attention, a multiply-add as 2 FLOPs (the DiT
@@ -25,6 +27,7 @@ import importlib
 import io
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -114,6 +117,17 @@ def peak_tflops(args):
     return peak
 
 
+def flops_line(label, student, teacher):
+    """One line of the FLOPs block: a method's FLOPs per image, student step and teacher forward."""
+    return f'  {label:9s} {student / 1e9:8.2f} G student + {teacher / 1e9:6.2f} G teacher'
+
+
+def time_line(label, ratio, lo, hi, ms, tflops, mfu=None):
+    """One line of the step-time block: the ratio to vanilla (median [min, max] over rounds), ms per step, TFLOP/s."""
+    return (f'  {label:9s} {ratio:5.2f}x  [{lo:.2f}, {hi:.2f}]   {ms:8.1f} ms/step  {tflops:7.3f} TFLOP/s'
+            + (f'  MFU {mfu:4.1f}%' if mfu is not None else ''))
+
+
 # (label, script, extra flags): HASTE twice, before and after its switch at tau
 RUNS = [('vanilla', 'vanilla', []), ('repa', 'repa', []), ('haste I', 'haste', ['--tau', str(10 ** 9)]),
         ('haste II', 'haste', ['--tau', '0']), ('reg', 'reg', []), ('carflow', 'carflow', [])]
@@ -128,13 +142,29 @@ def main():
     p.add_argument('--only', help='comma-separated labels to run (vanilla always runs: it is the reference)')
     p.add_argument('--peak-tflops', type=float, help='dense bf16 peak of the GPU for MFU (default: PEAK_TFLOPS)')
     p.add_argument('--flops-only', action='store_true', help='count the FLOPs per image, skip the timing')
-    p.add_argument('--toy', metavar='DATA', help="lab.py's setting: --preset toy on the toy set DATA (prepare.py "
-                   "toy --teacher), one thread per process")
+    p.add_argument('--toy', metavar='DATA', help="--preset toy on the toy set DATA (prepare.py toy --teacher), one "
+                   "thread per process, aligned to its toy teacher")
+    p.add_argument('--enc-ckpt', metavar='PATH', help="with --toy: lab.py's teacher, DINOv2-S with these weights, "
+                   "read from its cache DATA/cache-dinov2-s")
+    p.add_argument('--report', metavar='FILE', help='also write the result as markdown (the command, date, machine '
+                   'and the lines printed), for docs/')
     args = p.parse_args()
+    lines = []
+
+    def say(line):  # printed now, and kept for --report
+        print(line, flush=True)
+        lines.append(line)
+    teacher = []
+    if args.toy and args.enc_ckpt:  # lab.py's teacher and its cache
+        cache = os.path.join(args.toy, 'cache-dinov2-s')
+        if not os.path.isfile(os.path.join(cache, 'cache.json')):
+            sit.fail(f'--toy {args.toy} --enc-ckpt: no DINOv2-S cache in {cache}; run `python lab.py --enc-ckpt '
+                     f'{args.enc_ckpt}` once, or python prepare.py teacher-cache --data {args.toy} --enc-ckpt ...')
+        teacher = ['--enc', 'dinov2-s', '--enc-ckpt', args.enc_ckpt, '--enc-cache', cache]
+    elif args.toy and not os.path.isfile(os.path.join(args.toy, 'teacher.json')):
+        sit.fail(f'--toy {args.toy}: no toy set with its teacher there; make it: python prepare.py toy --out '
+                 f'{args.toy} --teacher')
     if args.toy:
-        if not os.path.isfile(os.path.join(args.toy, 'teacher.json')):
-            sit.fail(f'--toy {args.toy}: no toy set with its teacher there; make it: python prepare.py toy --out '
-                     f'{args.toy} --teacher')
         preset = importlib.import_module('train_vanilla').presets['toy']
         args.model, args.batch = preset['model'], preset['global_batch']
     peak = peak_tflops(args)
@@ -145,18 +175,17 @@ def main():
         data = args.toy or os.path.join(tmp, 'data')
         if not args.toy:
             synthetic_imagenet(data, 2 * args.steps * args.batch)
-            print(f'{args.model} FLOPs per image (a multiply-add = 2 FLOPs): forward '
-                  f'{forward_flops(args.model) / 1e9:.1f} G; one training step:', flush=True)
+            say(f'{args.model} FLOPs per image (a multiply-add = 2 FLOPs): forward '
+                f'{forward_flops(args.model) / 1e9:.1f} G; one training step:')
         else:
-            print(f'{args.model} on the toy set, FLOPs per image (a multiply-add = 2 FLOPs) of one training step:')
+            say(f'{args.model} on the toy set, FLOPs per image (a multiply-add = 2 FLOPs) of one training step:')
         flops = {}
         for label, script, extra in runs:
             flops[label] = step_flops(script, toy + extra, data, os.path.join(tmp, 'flops-' + label.replace(' ', '_')),
                                       args.model)
-            print(f'  {label:9s} {flops[label][0] / 1e9:8.2f} G student + {flops[label][1] / 1e9:6.2f} G teacher',
-                  flush=True)
+            say(flops_line(label, *flops[label]))
         if args.flops_only:
-            return
+            return report(args, lines)
         rates = {label: [] for label, _, _ in runs}
         for k in range(args.rounds):  # interleaved, so a drift of the machine's speed hits every method alike
             for label, script, extra in runs:
@@ -166,8 +195,8 @@ def main():
                        '--max-steps', str(2 * args.steps),
                        '--log-every', str(args.steps), '--sample-every', '0', '--ckpt-every', str(10 ** 9),
                        '--num-workers', '0' if args.toy else '2', *extra]
-                if 'enc_ckpt' in importlib.import_module(f'train_{script}').config and not args.toy:
-                    cmd += ['--enc-ckpt', 'random']  # a random teacher, the same cost
+                if 'enc_ckpt' in importlib.import_module(f'train_{script}').config:
+                    cmd += teacher if args.toy else ['--enc-ckpt', 'random']  # ImageNet: a random one, the same cost
                 env = dict(os.environ, OMP_NUM_THREADS='1') if args.toy else None  # as lab.py runs them
                 r = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 if r.returncode:
@@ -176,15 +205,22 @@ def main():
                     rates[label].append([json.loads(line) for line in f][-1]['img_per_s'])  # after warm-up
                 print(f'round {k + 1}: {label:9s} {rates[label][-1]:8.2f} img/s', flush=True)
     median = lambda xs: sorted(xs)[len(xs) // 2]
-    print(f'\n{args.model}, global batch {args.batch}, {args.rounds} rounds: step time relative to vanilla '
-          f'(median of the per-round ratios [min, max]); achieved TFLOP/s of student step + teacher'
-          + (f', MFU against {peak:g} TFLOP/s' if peak else ''))
+    print()
+    say(f'{args.model}, global batch {args.batch}, {args.rounds} rounds: step time relative to vanilla '
+        f'(median of the per-round ratios [min, max]); achieved TFLOP/s of student step + teacher'
+        + (f', MFU against {peak:g} TFLOP/s' if peak else ''))
     for label, _, _ in runs:
         ratios = [v / m for v, m in zip(rates['vanilla'], rates[label])]
         tflops = sum(flops[label]) * median(rates[label]) / 1e12
-        print(f'  {label:9s} {median(ratios):5.2f}x  [{min(ratios):.2f}, {max(ratios):.2f}]   '
-              f'{args.batch / median(rates[label]) * 1000:8.1f} ms/step  {tflops:7.3f} TFLOP/s'
-              + (f'  MFU {100 * tflops / peak:4.1f}%' if peak else ''))
+        say(time_line(label, median(ratios), min(ratios), max(ratios), args.batch / median(rates[label]) * 1000,
+                      tflops, 100 * tflops / peak if peak else None))
+    report(args, lines)
+
+
+def report(args, lines):
+    """--report FILE: the command, its date and machine, then what it printed, as a markdown block."""
+    if args.report:
+        sit.write_report(args.report, f'python benchmark.py {shlex.join(sys.argv[1:])}', lines)
 
 
 if __name__ == '__main__':

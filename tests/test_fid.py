@@ -536,3 +536,31 @@ def test_dinov2_random_weights(tmp_path, capsys):
     x = fid.dinov2_preprocess(torch.full((2, 3, 16, 16), 255.0))
     assert x.shape == (2, 3, 224, 224)
     torch.testing.assert_close(x[0, :, 5, 5], (1 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225]))
+
+
+def test_committed_crosscheck_reports_are_what_the_commands_write():
+    """docs/crosscheck/*.md are the --report files of tests/crosscheck_adm.py and tests/crosscheck_dinov2.py: the
+    command, date and machine, then the printed lines, whose differences follow from the numbers beside them (so no
+    number in them was typed by hand)."""
+    import glob
+    import re
+    from conftest import ROOT
+    reports = sorted(glob.glob(os.path.join(ROOT, 'docs', 'crosscheck', '*.md')))
+    assert [os.path.basename(p) for p in reports] == ['adm-small.md', 'adm-standard.md', 'dinov2.md']
+    for path in reports:
+        head = re.fullmatch(r'`python tests/(crosscheck_\w+)\.py ([^`]*)` on (\d{4}-\d\d-\d\d), ([^\n]+):\n\n```\n(.*)\n```\n',
+                            open(path).read(), re.S)
+        assert head, path
+        rows = 0
+        for line in head.group(5).splitlines():
+            adm = re.fullmatch(r'\| ([^|]+) \| ([-\d.e+]+) \| ([-\d.e+]+) \| ([-+\d.e]+) \| ([-\d.e+]+) \|', line)
+            vit = re.fullmatch(r'ViT-[SL]/14 (no registers|4 registers ) position embedding (\S+) \((\S+)\)  CLS features '
+                               r'(\S+) \((\S+)\)  fid.compute_features (\S+) \((\S+)\)', line)
+            if adm:
+                a, b, d, r = (float(adm.group(i)) for i in (2, 3, 4, 5))   # printed to 10, 10, 3, 2 digits
+                assert abs(d - (b - a)) <= 0.006 * abs(d) + 2e-9 * abs(a), line
+                assert abs(r - abs(d) / abs(a)) <= 0.06 * r, line
+                rows += 1
+            elif vit:
+                rows += 1
+        assert rows == (8 if 'adm' in path else 4), path

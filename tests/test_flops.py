@@ -43,3 +43,46 @@ def test_training_steps_of_the_scripts(toy, tmp_path):
     assert student - vanilla == 3 * 2 * 64 * (128 * 32 + 32 * 32 + 32 * 384) and teacher > 0
     assert sit.save_training_state.__name__ == 'save_training_state' and signal.getsignal(signal.SIGTERM) == handler
     assert not os.path.exists(tmp_path / 'v' / 'checkpoints' / '0000001.pt')
+
+
+def test_inception_flops():
+    """The number docs/evaluation.md uses: fid.py's Inception on one 299 px image, 11.5 GFLOPs (a multiply-add = 2)."""
+    import fid
+    net = fid.InceptionV3().eval()
+    with torch.no_grad(), benchmark.flop_counter() as fc:
+        net(torch.zeros(1, 3, 299, 299))
+    assert round(fc.get_total_flops() / 1e9, 1) == 11.5
+
+
+def test_vae_decoder_flops():
+    """The number docs/evaluation.md uses: the SD-VAE decoder from one 4x32x32 latent to 256 px, 0.6 TFLOPs."""
+    with torch.device('meta'):
+        vae = sit.AutoencoderKL()
+    with torch.no_grad(), benchmark.flop_counter() as fc:
+        vae.decode(torch.zeros(1, 4, 32, 32, device='meta'))
+    assert round(fc.get_total_flops() / 1e12, 1) == 0.6
+
+
+def test_committed_benchmark_reports_are_what_the_command_writes():
+    """docs/benchmark/*.md are benchmark.py --report files: the command, its date and machine, then the printed lines,
+    each of which reads back into benchmark.py's own line formats (so no number in them was typed by hand)."""
+    import glob
+    import re
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    reports = sorted(glob.glob(os.path.join(root, 'docs', 'benchmark', '*.md')))
+    assert len(reports) >= 3
+    for path in reports:
+        text = open(path).read()
+        head = re.fullmatch(r'`python benchmark\.py ([^`]*)` on (\d{4}-\d\d-\d\d), ([^\n]+):\n\n```\n(.*)\n```\n', text, re.S)
+        assert head, path
+        for line in head.group(4).splitlines():
+            flops = re.fullmatch(r'  (.{9}) +([\d.]+) G student \+ +([\d.]+) G teacher', line)
+            times = re.fullmatch(r'  (.{9}) +([\d.]+)x  \[([\d.]+), ([\d.]+)\] +([\d.]+) ms/step +([\d.]+) TFLOP/s', line)
+            if flops:
+                label, student, teacher = flops.group(1).strip(), float(flops.group(2)), float(flops.group(3))
+                assert benchmark.flops_line(label, student * 1e9, teacher * 1e9) == line
+            elif times:
+                label, *v = times.group(1).strip(), *map(float, times.groups()[1:])
+                assert benchmark.time_line(label, *v) == line
+            else:
+                assert re.match(r'\S', line), (path, line)               # a heading line: the model, batch, rounds
