@@ -370,7 +370,6 @@ def main(argv=None):
 
     # -------------------------------------------------------------------------
     # data, toy FD network and its held-out reference (and the toy teacher): once, every seed shares them
-    t0 = time.time()
     need = ['dataset.json', 'fd.json'] + (['teacher.json'] if uses and args.teacher == 'toy' else [])
     if not all(os.path.isfile(os.path.join(args.data, f)) for f in need):
         prepare.main(['toy', '--out', args.data, '--seed', str(args.data_seed), '--background', args.background,
@@ -380,7 +379,6 @@ def main(argv=None):
     if found != args.background:
         sit.fail(f"--data {args.data} holds the toy set with the {found} background, not {args.background}; pass "
                  f"--background {found}, or another --data for the {args.background} variant")
-    timing = dict(prepare=time.time() - t0)
     os.makedirs(seed_dir, exist_ok=True)
     for m in methods:
         if m['script'] not in BUILTIN.values():
@@ -423,9 +421,9 @@ def main(argv=None):
                 for other, (q, _, _) in running.items():
                     q.terminate()
                 sit.fail(f'{name} failed (exit {proc.returncode}); see {log.name}')
-            timing[name], done = time.time() - t0, done + 1
+            done += 1
             finished.add(name)
-            progress(f'{name} done ({timing[name]:.0f} s)', done, stages)
+            progress(f'{name} done ({time.time() - t0:.0f} s)', done, stages)
     figure = os.path.join(seed_dir, 'fd_toy.png')
     evaluate.main([*runs.values(), '--plot', '--metric', 'fd_toy', '--out', figure, '--log', '--baseline',
                    runs['vanilla']])
@@ -433,9 +431,7 @@ def main(argv=None):
     # -------------------------------------------------------------------------
     # this seed's numbers (RUN/lab.json), then the table and the figure over every seed in --out
     for m in methods:
-        numbers = dict(run_numbers(m, args, runs[m['label']], sampler),
-                       timing={k: round(v) for k, v in timing.items() if k.endswith(m['label']) or k == 'teacher cache'})
-        sit.write_json(os.path.join(runs[m['label']], 'lab.json'), numbers)
+        sit.write_json(os.path.join(runs[m['label']], 'lab.json'), run_numbers(m, args, runs[m['label']], sampler))
     seeds = {}
     for path in sorted(glob.glob(os.path.join(args.out, 'seed*', '*', 'lab.json'))):
         with open(path) as f:
