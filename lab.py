@@ -23,7 +23,7 @@ Teacher: dinov2-s (default): DINOv2 ViT-S/14, a real self-supervised encoder; th
 it an 8x8 token grid, SiT-T/2's. toy: the 4-block ViT that prepare.py toy --teacher trains on the toy labels. The
 teacher is frozen and the toy images are never augmented, so its outputs (tokens, class token, the attention
 logits of its last two blocks) are computed once into DATA/cache-TEACHER (prepare.py teacher-cache) and read by
-every run: the same loss as the live teacher (tests/test_teacher.py), without a ViT forward at every step.
+every run: the live teacher's outputs to float rounding (tests/test_toy_lab.py), without a ViT forward per step.
 Sampling protocol (every checkpoint, every method): ODE, 25 Euler steps, no guidance, sample i's noise and label
 keyed by (--seed, i). No guidance, as REPA's convergence curves: CFG pulls every model's samples towards its class
 modes and hides what the network itself learned. The figure needs matplotlib (pip install matplotlib), checked

@@ -813,21 +813,26 @@ def load_toy_teacher(weights, grid, data_path):
     return vit
 
 
+def file_sha1(path):
+    """SHA-1 (hex) of a file's bytes, read in 16 MB chunks."""
+    h = hashlib.sha1()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 24), b''):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def teacher_id(name, weights=None, data_path=None):
     """The teacher as a teacher cache records it: its name and its weights' content (SHA-1 of the file), so a cache
     is never read for another teacher. Hub weights are named by their timm tag."""
     if weights == 'random':
-        fail(f"--enc-ckpt random: a random teacher differs in every process and cannot be cached; drop --enc-cache")
+        fail("--enc-ckpt random: a random teacher differs in every process and cannot be cached; drop --enc-cache")
     path = toy_teacher_config(weights, data_path)[0] if name == 'toy' else weights
     if path is None:
         return f'{name} (timm hub: {DINOV2.get(name, name)})'
     if not os.path.isfile(path):
         fail(f"teacher weights not found: {path}")
-    h = hashlib.sha1()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 24), b''):
-            h.update(chunk)
-    return f'{name} ({os.path.basename(path)}, sha1 {h.hexdigest()[:12]})'
+    return f'{name} ({os.path.basename(path)}, sha1 {file_sha1(path)[:12]})'
 
 
 def image_keys(images):

@@ -71,7 +71,7 @@ config.update(
     method='haste',
     enc='dinov2-b',                # teacher: DINOv2 ViT-B/14 as the paper; 'dinov2-s', '-l', '-g'; 'toy'
     enc_ckpt='',                   # teacher weights: '' = the hub (toy: in --data-path), a local file, or 'random'
-    enc_cache='',                  # the teacher's outputs made once by prepare.py teacher-cache: same loss, no ViT
+    enc_cache='',                  # the teacher's outputs, made once (prepare.py teacher-cache): no ViT per step
     encoder_depth=8,               # align the tokens after this block (1-based): 8 for SiT-L/XL, 4 for SiT-B
     projector_dim=2048,            # projector MLP D -> 2048 -> 2048 -> teacher width, SiLU between
     proj_coeff=0.5,                # L = L_v + proj_coeff * L_proj
@@ -86,7 +86,7 @@ config.update(
 presets['toy'].update(enc='toy', enc_ckpt='', encoder_depth=2, projector_dim=256)
 # SiT-T's blocks 2-3 of 6 with the teacher's last two (toy: 2-3 of 4, DINOv2-S: 10-11 of 12); tau: mid-run
 presets['toy'].update(attn_student='2,3', attn_teacher='-2,-1', tau=500)
-RUN_KEYS.update({'enc_ckpt', 'enc_cache'})  # the weights file may move; a cache changes no number
+RUN_KEYS.update({'enc_ckpt', 'enc_cache'})  # the weights file may move; a cache changes only float rounding
 # <<< method
 
 # -----------------------------------------------------------------------------

@@ -72,7 +72,7 @@ config.update(
     method='reg',
     enc='dinov2-b',                # teacher: DINOv2 ViT-B/14 as the paper; 'dinov2-s', '-l', '-g'; 'toy'
     enc_ckpt='',                   # teacher weights: '' = the hub (toy: in --data-path), a local file, or 'random'
-    enc_cache='',                  # the teacher's outputs made once by prepare.py teacher-cache: same loss, no ViT
+    enc_cache='',                  # the teacher's outputs, made once (prepare.py teacher-cache): no ViT per step
     encoder_depth=8,               # align the tokens after this block (1-based): 8 for SiT-L/XL, 4 for SiT-B
     projector_dim=2048,            # projector MLP D -> 2048 -> 2048 -> teacher width, SiLU between
     proj_coeff=0.5,                # L = L_v + proj_coeff * L_proj + cls_coeff * L_cls
@@ -82,7 +82,7 @@ config.update(
 # --enc dinov2-s: DINOv2-S sees the 16 px image at 112 px, an 8x8 token grid as SiT-T/2's (lab.py's default); a
 # projector for SiT-T
 presets['toy'].update(enc='toy', enc_ckpt='', encoder_depth=2, projector_dim=256)
-RUN_KEYS.update({'enc_ckpt', 'enc_cache'})  # the weights file may move; a cache changes no number
+RUN_KEYS.update({'enc_ckpt', 'enc_cache'})  # the weights file may move; a cache changes only float rounding
 # <<< method
 
 # -----------------------------------------------------------------------------
